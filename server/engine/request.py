@@ -1,0 +1,67 @@
+"""One generation request as the engine sees it: token ids in, token ids out. No text here."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from server.engine.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"          # back in the waiting queue; its KV was dropped and will be recomputed
+    FINISHED_STOPPED = "stop"        # EOS, a stop token id, or (decided by the API layer) a stop string
+    FINISHED_LENGTH = "length"       # max_tokens or the model's context length
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.value if self.finished else None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens (prompt then output) whose K/V are in the cache. A request is "in prefill" while this is below
+    # num_tokens - 1 ... precisely: the next forward pass runs tokens [num_computed_tokens, num_tokens).
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)   # the request's block table
+    num_cached_tokens: int = 0       # prompt tokens served from the prefix cache at the last admission
+    num_preemptions: int = 0
+    # Prompt positions whose logprobs were already returned (so a recompute after preemption skips them).
+    num_prompt_logprobs_done: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
