@@ -41,6 +41,9 @@ class Request:
     block_ids: list[int] = field(default_factory=list)   # the request's block table
     num_cached_tokens: int = 0       # prompt tokens served from the prefix cache at the last admission
     num_preemptions: int = 0
+    # Why a FINISHED_STOPPED request stopped, as in vLLM: the stop token id (or the stop string, set by the API
+    # layer); None for EOS or any other finish.
+    stop_reason: int | str | None = None
     # Prompt positions whose logprobs were already returned (so a recompute after preemption skips them).
     num_prompt_logprobs_done: int = 0
     first_scheduled_time: float | None = None

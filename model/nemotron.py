@@ -1,0 +1,119 @@
+"""The Nemotron-4 model on a flat token batch with a paged KV cache.
+
+Parameter names are HF's, except that each layer's q_proj/k_proj/v_proj are one fused `qkv_proj`; `load_weights`
+is therefore a name mapping. Tensor parallelism lives in model/parallel.py and quantization in model/quant.py:
+nothing here knows about either.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from model.attention_metadata import AttentionMetadata
+from model.config import ModelConfig
+from model.errors import CheckpointError
+from model.layers import DecoderLayer, LayerNorm1P, RotaryEmbedding, params_dtype
+from model.parallel import ParallelLMHead, VocabParallelEmbedding, default_weight_loader
+from model.quant import LinearMethod, UnquantizedLinearMethod
+
+# (fused module, HF module, shard id): checkpoint tensors that load into part of a fused parameter.
+_STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
+# Non-parameter tensors some older checkpoints carry; they are recomputed, so skipped.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class NemotronModel(nn.Module):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod):
+        super().__init__()
+        dtype = params_dtype(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(config, linear_method) for _ in range(config.num_hidden_layers))
+        self.norm = LayerNorm1P(config.hidden_size, config.norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
+        x = self.embed_tokens(input_ids)          # [T, hidden]
+        cos, sin = self.rotary_emb(positions)     # [T, rotary_dim / 2] each, shared by all layers
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, attn_metadata)  # [T, hidden]
+        return self.norm(x)                       # [T, hidden]
+
+
+class NemotronForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None = None):
+        super().__init__()
+        self.config = config
+        self.linear_method = linear_method or UnquantizedLinearMethod()
+        self.model = NemotronModel(config, self.linear_method)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype(config))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] int64; kv_caches: per layer [2, NB, BS, Hkv, D] (K, V) -> hidden [T, hidden]
+        after the final norm. Writes the new tokens' K/V into the caches at attn_metadata.slot_mapping."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [N, vocab] fp32
+
+    # ---- loading -------------------------------------------------------------------------------------------
+
+    def checkpoint_tensor_names(self) -> list[str]:
+        """The HF tensor names a complete checkpoint of this model holds (q/k/v separately)."""
+        return [hf_name for param_name, _ in self.named_parameters() for hf_name in _hf_names(param_name)]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors, consumed one at a time. Raises CheckpointError naming the tensor on an unexpected,
+        duplicated or mis-shaped tensor, and naming every missing one at the end."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            param_name, shard_id = _param_name(name)
+            if param_name not in params:
+                raise CheckpointError(f"unexpected tensor {name!r}: the model ({self.config.num_hidden_layers} "
+                                      f"layers) has no such parameter")
+            if name in loaded:
+                raise CheckpointError(f"tensor {name!r} appears more than once in the checkpoint")
+            module_name, _, _ = param_name.rpartition(".")
+            loader = getattr(self.get_submodule(module_name), "weight_loader", default_weight_loader)
+            try:
+                if shard_id is None:
+                    loader(params[param_name], tensor)
+                else:
+                    loader(params[param_name], tensor, shard_id)
+            except CheckpointError as e:
+                raise CheckpointError(f"tensor {name!r}: {e}") from None
+            loaded.add(name)
+        missing = [name for name in self.checkpoint_tensor_names() if name not in loaded]
+        if missing:
+            raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing)}")
+        self.process_weights_after_loading()
+
+    def process_weights_after_loading(self) -> None:
+        """Let the linear method finish each layer once its weights are in (a no-op when unquantized)."""
+        for module in self.modules():
+            method = getattr(module, "linear_method", None)
+            if method is not None and module is not self:
+                method.process_weights_after_loading(module)
+
+
+def _param_name(hf_name: str) -> tuple[str, str | None]:
+    """HF tensor name -> (our parameter name, shard id within a fused parameter or None)."""
+    for fused, part, shard in _STACKED:
+        if f".{part}." in hf_name:
+            return hf_name.replace(f".{part}.", f".{fused}."), shard
+    return hf_name, None
+
+
+def _hf_names(param_name: str) -> list[str]:
+    """Our parameter name -> the HF tensor names loaded into it."""
+    parts = [param_name.replace(f".{fused}.", f".{part}.")
+             for fused, part, _ in _STACKED if f".{fused}." in param_name]
+    return parts or [param_name]

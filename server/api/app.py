@@ -1,0 +1,133 @@
+"""The FastAPI application: routes, the OpenAI error envelope, engine lifecycle."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from server.api.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_envelope
+from server.api.serving import OpenAIServing
+from server.api.tokenizer import Tokenizer
+from server.engine.engine import AsyncEngine, EngineDeadError
+
+logger = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+    max_model_len = engine.engine.config.max_model_len
+    serving = OpenAIServing(engine, tokenizer, model_name, max_model_len)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="n4", version=VERSION, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.serving = serving
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return JSONResponse(exc.envelope(), status_code=exc.status)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, exc: EngineDeadError):
+        return JSONResponse(error_envelope(str(exc), "service_unavailable", code="engine_dead"), status_code=503)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _exc):
+        return JSONResponse(error_envelope(f"Not found: {request.url.path[:200]}", "invalid_request_error",
+                                           code="not_found"), status_code=404)
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, _exc):
+        return JSONResponse(error_envelope(f"Method {request.method} not allowed on {request.url.path[:200]}",
+                                           "invalid_request_error", code="method_not_allowed"), status_code=405)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if engine.is_running else 503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "n4", "root": model_name, "parent": None,
+                                            "max_model_len": max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        request = await _parse(raw, CompletionRequest)
+        return await _respond(raw, serving.completion(request), request.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request):
+        request = await _parse(raw, ChatCompletionRequest)
+        return await _respond(raw, serving.chat(request), request.stream)
+
+    return app
+
+
+async def _parse(raw: Request, model):
+    body = await raw.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"The request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError("The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = [str(part) for part in first.get("loc", ())]
+        param = loc[0] if loc else None
+        where = ".".join(loc)
+        raise APIError(f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid"),
+                       param=param) from None
+
+
+async def _respond(raw: Request, pending, stream: bool):
+    """Non-streaming: race the handler against the client's disconnect (Starlette only cancels streaming
+    responses), so a client that gives up frees its KV blocks at once. Streaming: Starlette cancels the body
+    iterator on disconnect, and the iterator's cleanup aborts the requests."""
+    if stream:
+        generator = await pending
+        return StreamingResponse(generator, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    work = asyncio.ensure_future(pending)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw))
+    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if work in done:
+        watcher.cancel()
+        return JSONResponse(work.result())
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await work
+    logger.info("client disconnected; request aborted")
+    return Response(status_code=499)
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return

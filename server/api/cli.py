@@ -1,0 +1,147 @@
+"""`n4` command line: `n4 serve` (OpenAI-compatible server) and `n4 generate` (one prompt, offline)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from model.config import PRESETS, get_config
+from server.engine.config import EngineConfig
+
+logger = logging.getLogger("n4")
+DEMO_MODEL = str(Path(__file__).resolve().parents[2] / "models" / "demo")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help=f"checkpoint directory (HF format) or a preset ({', '.join(PRESETS)}) with --load-format "
+                        f"dummy; default: the embedded demo model")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and activation dtype; auto = the checkpoint's, except float32 on the CPU")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights of the model's shape (for benchmarks)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: from memory)")
+    p.add_argument("--kv-cache-memory", type=int, default=256, help="MiB for the KV cache on the CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory n4 may use (weights + KV cache)")
+    p.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prompt prefixes")
+
+
+def _build_engine(args):
+    from server.api.tokenizer import Tokenizer
+    from server.engine.engine import LLMEngine
+
+    model_config = get_config(args.model)
+    device = "cuda" if _cuda_available() else "cpu"
+    dtype = args.dtype
+    if dtype == "auto" and device == "cpu" and model_config.torch_dtype != "float32":
+        # CPU matmuls in bf16/fp16 are slower than fp32 on most hosts; GPUs keep the checkpoint dtype.
+        dtype = "float32"
+    max_model_len = args.max_model_len or model_config.max_position_embeddings
+    if max_model_len > model_config.max_position_embeddings:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
+                         f"({model_config.max_position_embeddings})")
+    engine_config = EngineConfig(
+        max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, 1), block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory << 20, gpu_memory_utilization=args.gpu_memory_utilization,
+        device=device)
+    engine = LLMEngine.from_pretrained(args.model, engine_config, dtype=dtype, load_format=args.load_format)
+    tokenizer_dir = args.model if os.path.isfile(os.path.join(args.model, "tokenizer.model")) else DEMO_MODEL
+    if tokenizer_dir != args.model:
+        logger.warning("%s has no tokenizer.model; using the demo model's tokenizer", args.model)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    param = next(engine.runner.model.parameters())
+    logger.info("model %s: %d layers, hidden %d, %s on %s; KV cache %d blocks of %d tokens = %d tokens, "
+                "%.1f concurrent sequences of %d tokens", args.model, model_config.num_hidden_layers,
+                model_config.hidden_size, str(param.dtype).replace("torch.", ""), device, engine.num_blocks,
+                engine_config.block_size, engine.num_blocks * engine_config.block_size, engine.max_concurrency,
+                max_model_len)
+    return engine, tokenizer
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def serve(args) -> None:
+    import uvicorn
+
+    from server.api.app import build_app
+    from server.engine.engine import AsyncEngine
+
+    engine, tokenizer = _build_engine(args)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    app = build_app(AsyncEngine(engine), tokenizer, name)
+    logger.info("serving %r on http://%s:%d", name, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+def generate(args) -> None:
+    from server.api.output import ChoiceProcessor
+    from server.engine.sampling import SamplingParams
+
+    engine, tokenizer = _build_engine(args)
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        stop_ids = tuple(tokenizer.chat_stop_token_ids)
+    else:
+        text, stop_ids = args.prompt, ()
+    prompt_ids = tokenizer.encode(text)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                            stop_token_ids=stop_ids)
+    request_id = uuid.uuid4().hex
+    engine.add_request(request_id, prompt_ids, params)
+    processor = ChoiceProcessor(0, tokenizer, prompt_ids, stop=[])
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(processor.process(out).text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    logger.info("%d prompt tokens, %d generated, finish reason %s", len(prompt_ids),
+                processor.num_output_tokens, processor.finish_reason)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="n4", description="Serve Nemotron-4 models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_engine_args(p_serve)
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--served-model-name", default=None, help="the model name clients send")
+    p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p_serve.set_defaults(func=serve)
+
+    p_gen = sub.add_parser("generate", help="generate from one prompt")
+    _add_engine_args(p_gen)
+    p_gen.add_argument("--prompt", required=True)
+    p_gen.add_argument("--max-tokens", type=int, default=64)
+    p_gen.add_argument("--temperature", type=float, default=0.0)
+    p_gen.add_argument("--seed", type=int, default=None)
+    p_gen.add_argument("--chat", action="store_true", help="wrap the prompt in the Nemotron-4 chat template")
+    p_gen.set_defaults(func=generate, log_level="info")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, OSError) as e:
+        print(f"n4 {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

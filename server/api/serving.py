@@ -1,0 +1,320 @@
+"""OpenAI completions and chat completions on top of the AsyncEngine: prompts to token ids, request
+parameters to SamplingParams, engine outputs to responses (whole or streamed as server-sent events)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from server.api.output import ChoiceDelta, ChoiceProcessor, chat_logprobs, completion_logprobs, TokenNamer
+from server.api.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_envelope, now,
+                                 random_id, usage)
+from server.api.tokenizer import Tokenizer
+from server.engine.engine import AsyncEngine, EngineDeadError
+from server.engine.sampling import SamplingParamError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Choice:
+    index: int
+    sample_index: int          # which of the n samples of its prompt
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    processor: ChoiceProcessor
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_model_len: int):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+
+    # ---- request -> engine inputs --------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(f"The model `{model[:200]}` does not exist.", status=404, param="model",
+                           code="model_not_found")
+
+    def _prompts(self, request: CompletionRequest) -> list[list[int]]:
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            prompts = [self.tokenizer.encode(prompt)]
+        elif isinstance(prompt[0], int):
+            prompts = [list(prompt)]
+        elif isinstance(prompt[0], str):
+            prompts = [self.tokenizer.encode(p) for p in prompt]
+        else:
+            prompts = [list(p) for p in prompt]
+        vocab = self.tokenizer_vocab_limit
+        for ids in prompts:
+            if not ids:
+                raise APIError("The prompt is empty.", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(f"Prompt token ids must be in [0, {vocab}).", param="prompt")
+        return prompts
+
+    @property
+    def tokenizer_vocab_limit(self) -> int:
+        # Ids a request may name: known to the model and to the tokenizer (echo and logprobs decode them).
+        return min(self.engine.engine.model_config.vocab_size, self.tokenizer.vocab_size)
+
+    def _check_length(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
+        """Returns the effective max_tokens; a request over the context is a 400 in vLLM's wording."""
+        requested = max_tokens if max_tokens is not None else max(self.max_model_len - prompt_len, 0)
+        if prompt_len + requested > self.max_model_len or prompt_len >= self.max_model_len + (requested == 0):
+            raise APIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{requested} output tokens and your prompt contains at least {prompt_len} input tokens, for a "
+                f"total of at least {prompt_len + requested} tokens. Please reduce the length of the input prompt "
+                f"or the number of requested output tokens.", param=param)
+        return requested
+
+    @staticmethod
+    def _sampling_params(request, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+                         extra_stop_ids: list[int], seed_offset: int) -> SamplingParams:
+        bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                min_tokens=min(request.min_tokens, max_tokens),
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                top_k=request.top_k or 0,
+                min_p=request.min_p or 0.0,
+                seed=None if request.seed is None else request.seed + seed_offset,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+                logit_bias=bias,
+                stop_token_ids=tuple(request.stop_token_ids or ()) + tuple(extra_stop_ids),
+                ignore_eos=request.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+            )
+        except SamplingParamError as e:
+            raise APIError(str(e), param=e.param) from None
+
+    def _check_stream_options(self, request) -> None:
+        if request.stream_options is not None and not request.stream:
+            raise APIError("stream_options is only allowed when stream is true.", param="stream_options")
+
+    def _choices(self, request, prompts: list[list[int]], max_tokens: int | None, length_param: str,
+                 logprobs: int | None, prompt_logprobs: int | None, extra_stop_ids: list[int]) -> list[_Choice]:
+        choices = []
+        for p, prompt_ids in enumerate(prompts):
+            effective = self._check_length(len(prompt_ids), max_tokens, length_param)
+            for i in range(request.n):
+                params = self._sampling_params(request, effective, logprobs, prompt_logprobs, extra_stop_ids,
+                                               seed_offset=i)
+                try:
+                    params.check_vocab(self.tokenizer_vocab_limit)
+                except SamplingParamError as e:
+                    raise APIError(str(e), param=e.param) from None
+                index = p * request.n + i
+                processor = ChoiceProcessor(index, self.tokenizer, prompt_ids, request.stop_list,
+                                            request.skip_special_tokens, request.include_stop_str_in_output)
+                choices.append(_Choice(index, i, prompt_ids, params, processor))
+        return choices
+
+    # ---- running choices ----------------------------------------------------------------------------------
+    async def _run_choice(self, request_id: str, choice: _Choice, sink: asyncio.Queue) -> None:
+        engine_id = f"{request_id}-{choice.index}"
+        async for out in self.engine.generate(engine_id, choice.prompt_token_ids, choice.params):
+            delta = choice.processor.process(out)
+            await sink.put(delta)
+            if delta.stop_string_hit:
+                self.engine.stop_request(engine_id)
+                return
+            if delta.finish_reason is not None:
+                return
+
+    async def _deltas(self, request_id: str, choices: list[_Choice]) -> AsyncIterator[ChoiceDelta]:
+        """Runs every choice concurrently and yields their deltas as they come. Cancelling the consumer (a
+        client that went away) cancels every choice, which aborts its engine request and frees its blocks."""
+        sink: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._run_choice(request_id, c, sink)) for c in choices]
+        pending = set(tasks)
+        try:
+            while pending or not sink.empty():
+                if sink.empty():
+                    getter = asyncio.ensure_future(sink.get())
+                    done, _ = await asyncio.wait(pending | {getter}, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done - {getter}:
+                        pending.discard(task)
+                        task.result()  # re-raise an engine error here
+                    if getter in done:
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                else:
+                    yield sink.get_nowait()
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    # ---- completions --------------------------------------------------------------------------------------
+    async def completion(self, request: CompletionRequest):
+        self.check_model(request.model)
+        self._check_stream_options(request)
+        if request.suffix:
+            raise APIError("suffix is not supported.", param="suffix")
+        if request.echo and request.n > 1 and request.stream:
+            raise APIError("echo with n > 1 is not supported when streaming.", param="echo")
+        prompts = self._prompts(request)
+        # Echo with logprobs scores the prompt too (what lm-eval's loglikelihood relies on).
+        prompt_logprobs = request.prompt_logprobs
+        if request.echo and request.logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
+        choices = self._choices(request, prompts, request.max_tokens, "max_tokens", request.logprobs,
+                                prompt_logprobs, [])
+        request_id = random_id("cmpl")
+        if request.stream:
+            return self._stream_completion(request, request_id, choices)
+        return await self._full_completion(request, request_id, choices)
+
+    async def _full_completion(self, request: CompletionRequest, request_id: str, choices: list[_Choice]) -> dict:
+        name = TokenNamer(self.tokenizer, request.return_tokens_as_token_ids)
+        collected: dict[int, list[ChoiceDelta]] = {c.index: [] for c in choices}
+        async for delta in self._deltas(request_id, choices):
+            collected[delta.index].append(delta)
+        out_choices = []
+        for c in choices:
+            deltas = collected[c.index]
+            text = "".join(d.text for d in deltas)
+            logprobs = None
+            output_ids = [e.token_id for d in deltas for e in d.logprobs]
+            entries = [e for d in deltas for e in d.logprobs]
+            if request.echo:
+                prompt_text = self.tokenizer.decode(c.prompt_token_ids)
+                text = prompt_text + text
+                if request.logprobs is not None:
+                    prompt_entries = [None] + c.processor.prompt_logprobs
+                    logprobs = completion_logprobs(name, prompt_entries + entries,
+                                                   c.prompt_token_ids + output_ids)
+            elif request.logprobs is not None:
+                logprobs = completion_logprobs(name, entries, output_ids)
+            out_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
+                                "finish_reason": c.processor.finish_reason})
+        return {"id": request_id, "object": "text_completion", "created": now(), "model": self.model_name,
+                "choices": out_choices, "usage": self._usage(choices)}
+
+    async def _stream_completion(self, request: CompletionRequest, request_id: str,
+                                 choices: list[_Choice]) -> AsyncIterator[str]:
+        created = now()
+        name = TokenNamer(self.tokenizer, request.return_tokens_as_token_ids)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(choice_list: list, usage_value=None) -> str:
+            body = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": choice_list}
+            if include_usage:
+                body["usage"] = usage_value
+            return _sse(body)
+
+        try:
+            if request.echo:
+                for c in choices:
+                    yield chunk([{"index": c.index, "text": self.tokenizer.decode(c.prompt_token_ids),
+                                  "logprobs": None, "finish_reason": None}])
+            async for delta in self._deltas(request_id, choices):
+                if not delta.text and delta.finish_reason is None and not delta.logprobs:
+                    continue
+                logprobs = None
+                if request.logprobs is not None and delta.logprobs:
+                    logprobs = completion_logprobs(name, delta.logprobs,
+                                                   [e.token_id for e in delta.logprobs])
+                yield chunk([{"index": delta.index, "text": delta.text, "logprobs": logprobs,
+                              "finish_reason": delta.finish_reason}])
+            if include_usage:
+                yield chunk([], self._usage(choices))
+        except (EngineDeadError, RuntimeError) as e:
+            yield _sse(error_envelope(f"engine error: {e}", "server_error", code="engine_error"))
+        yield "data: [DONE]\n\n"
+
+    # ---- chat ---------------------------------------------------------------------------------------------
+    async def chat(self, request: ChatCompletionRequest):
+        self.check_model(request.model)
+        self._check_stream_options(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in request.messages]
+        try:
+            prompt_text = self.tokenizer.apply_chat_template(messages, request.add_generation_prompt)
+        except ValueError as e:
+            raise APIError(str(e), param="messages") from None
+        prompt_ids = self.tokenizer.encode(prompt_text)
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        choices = self._choices(request, [prompt_ids], max_tokens, param, logprobs, None,
+                                self.tokenizer.chat_stop_token_ids)
+        request_id = random_id("chatcmpl")
+        if request.stream:
+            return self._stream_chat(request, request_id, choices)
+        return await self._full_chat(request, request_id, choices)
+
+    async def _full_chat(self, request: ChatCompletionRequest, request_id: str, choices: list[_Choice]) -> dict:
+        name = TokenNamer(self.tokenizer, request.return_tokens_as_token_ids)
+        texts = {c.index: [] for c in choices}
+        entries = {c.index: [] for c in choices}
+        async for delta in self._deltas(request_id, choices):
+            texts[delta.index].append(delta.text)
+            entries[delta.index].extend(delta.logprobs)
+        out_choices = []
+        for c in choices:
+            out_choices.append({
+                "index": c.index,
+                "message": {"role": "assistant", "content": "".join(texts[c.index])},
+                "logprobs": chat_logprobs(name, entries[c.index]) if request.logprobs else None,
+                "finish_reason": c.processor.finish_reason,
+            })
+        return {"id": request_id, "object": "chat.completion", "created": now(), "model": self.model_name,
+                "choices": out_choices, "usage": self._usage(choices)}
+
+    async def _stream_chat(self, request: ChatCompletionRequest, request_id: str,
+                           choices: list[_Choice]) -> AsyncIterator[str]:
+        created = now()
+        name = TokenNamer(self.tokenizer, request.return_tokens_as_token_ids)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(choice_list: list, usage_value=None) -> str:
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": self.model_name, "choices": choice_list}
+            if include_usage:
+                body["usage"] = usage_value
+            return _sse(body)
+
+        try:
+            for c in choices:
+                yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            async for delta in self._deltas(request_id, choices):
+                if not delta.text and delta.finish_reason is None and not delta.logprobs:
+                    continue
+                logprobs = chat_logprobs(name, delta.logprobs) if request.logprobs else None
+                body = {"content": delta.text} if delta.text else {}
+                yield chunk([{"index": delta.index, "delta": body, "logprobs": logprobs,
+                              "finish_reason": delta.finish_reason}])
+            if include_usage:
+                yield chunk([], self._usage(choices))
+        except (EngineDeadError, RuntimeError) as e:
+            yield _sse(error_envelope(f"engine error: {e}", "server_error", code="engine_error"))
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _usage(choices: list[_Choice]) -> dict:
+        # Each prompt is counted once however many samples (n) were drawn from it, as OpenAI does.
+        prompt_tokens = sum(c.processor.num_prompt_tokens for c in choices if c.sample_index == 0)
+        completion_tokens = sum(c.processor.num_output_tokens for c in choices)
+        cached = sum(c.processor.num_cached_tokens for c in choices)
+        return usage(prompt_tokens, completion_tokens, cached)
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'), allow_nan=False)}\n\n"

@@ -1,0 +1,291 @@
+"""The engine: one step = schedule -> run -> postprocess. `LLMEngine` is synchronous (offline use, tests);
+`AsyncEngine` steps it in its own thread and hands outputs to asyncio consumers, so the HTTP event loop
+never waits on the model."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from model.config import ModelConfig
+from model.loader import load_model
+from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
+from server.engine.model_runner import ModelRunner, RunnerOutput, kv_cache_bytes_per_block
+from server.engine.request import Request, RequestStatus
+from server.engine.sampling import SamplingParams, TokenLogprobs
+from server.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request. Token-level only: text is the API layer's business."""
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # newly scored prompt positions, in order
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_token_id: int | None = None       # set when a stop_token_ids entry (not EOS) ended the request
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
+                 kv_cache_dtype: torch.dtype | None = None):
+        self.model_config = model_config
+        self.config = engine_config
+        kv_dtype = kv_cache_dtype or next(model.parameters()).dtype
+        self.num_blocks = engine_config.num_kv_blocks or self._blocks_from_memory(kv_dtype)
+        self._check_pool_fits_a_sequence()
+        self.block_manager = BlockManager(self.num_blocks, engine_config.block_size,
+                                          engine_config.enable_prefix_caching)
+        self.scheduler = Scheduler(engine_config, self.block_manager)
+        self.runner = ModelRunner(model, model_config, engine_config, self.num_blocks, kv_dtype)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_pretrained(cls, model: str, engine_config: EngineConfig, dtype: str = "auto",
+                        load_format: str = "auto") -> "LLMEngine":
+        module, config = load_model(model, dtype=dtype, device=engine_config.device, load_format=load_format)
+        return cls(module, config, engine_config)
+
+    # ---- sizing -------------------------------------------------------------------------------------------
+    def _blocks_from_memory(self, kv_dtype: torch.dtype) -> int:
+        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size, kv_dtype)
+        if self.config.device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info()
+            budget = int(total * self.config.gpu_memory_utilization) - (total - free)
+        else:
+            budget = self.config.kv_cache_memory_bytes
+        return max(budget // per_block, 0)
+
+    def _check_pool_fits_a_sequence(self) -> None:
+        needed = -(-self.config.max_model_len // self.config.block_size)
+        if self.num_blocks < needed:
+            raise ValueError(f"the KV cache has {self.num_blocks} blocks of {self.config.block_size} tokens, fewer "
+                             f"than one sequence of --max-model-len {self.config.max_model_len} needs ({needed}); "
+                             f"lower --max-model-len or give the cache more memory")
+
+    @property
+    def max_concurrency(self) -> float:
+        """How many full-length sequences the KV pool holds at once."""
+        return self.num_blocks * self.config.block_size / self.config.max_model_len
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_token_ids) + params.max_tokens > self.config.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len ({self.config.max_model_len})")
+        params.check_vocab(vocab)
+        request = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.model_config.eos_token_id)
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        return self._finish(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def stop(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Finish requests as stopped (the API layer found a stop string)."""
+        return self._finish(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def _finish(self, request_ids: list[str], status: RequestStatus) -> list[RequestOutput]:
+        finished = self.scheduler.finish_requests(request_ids, status)
+        outputs = []
+        for request in finished:
+            self._release(request)
+            outputs.append(self._make_output(request))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.stats.num_preemptions += len(batch.preempted)
+        if batch.is_empty:
+            return []
+        result = self.runner.execute(batch)
+        finished = self.scheduler.update(batch, result.sampled_token_ids)
+        return self._postprocess(batch, result, finished)
+
+    def _postprocess(self, batch, result: RunnerOutput, finished: list[Request]) -> list[RequestOutput]:
+        now = time.monotonic()
+        finished_ids = {r.request_id for r in finished}
+        outputs = []
+        for s in batch.scheduled:
+            request = s.request
+            out = self._make_output(request)
+            if s.start < request.num_prompt_tokens:
+                self.stats.prompt_tokens += min(s.num_new_tokens, request.num_prompt_tokens - s.start)
+            token = result.sampled_token_ids.get(request.request_id)
+            if token is not None:
+                out.new_token_ids.append(token)
+                self.stats.generation_tokens += 1
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                if request.request_id in result.logprobs:
+                    out.new_logprobs.append(result.logprobs[request.request_id])
+            if request.request_id in result.prompt_logprobs:
+                first, entries = result.prompt_logprobs[request.request_id]
+                out.prompt_logprobs = entries
+                request.num_prompt_logprobs_done = first - 1 + len(entries)
+            if out.new_token_ids or out.prompt_logprobs or request.request_id in finished_ids:
+                outputs.append(out)
+        for request in finished:
+            self._release(request)
+        return outputs
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            finished=request.is_finished,
+            finish_reason=request.status.finish_reason,
+            stop_token_id=getattr(request, "stop_reason", None) if request.is_finished else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )
+
+    def _release(self, request: Request) -> None:
+        self.requests.pop(request.request_id, None)
+        self.runner.free_request(request.request_id)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    """Runs `LLMEngine.step` in a dedicated thread. Handlers call `generate()` (an async iterator of
+    RequestOutput) and `abort()`; commands reach the engine thread through a queue, outputs come back through
+    one `call_soon_threadsafe` per step."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="n4-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running ({self.error!r})" if self.error else
+                                  "the engine is not running")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._commands.put(("add", (request_id, prompt_token_ids, params)))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away (client disconnect, stop string, error): free its blocks
+                self._commands.put(("abort", [request_id]))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", [request_id]))
+
+    def stop_request(self, request_id: str) -> None:
+        """Finish a request as stopped; its stream receives a final output with finish_reason 'stop'."""
+        self._commands.put(("stop", [request_id]))
+
+    # ---- engine thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                outputs = self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    outputs += self.engine.step()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as e:  # noqa: BLE001 — any failure kills the engine; every waiter must hear of it
+            logger.exception("engine step failed")
+            self.error = e
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine failed: {e!r}"))
+
+    def _drain_commands(self, block: bool) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        while True:
+            try:
+                kind, arg = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            except queue.Empty:
+                return outputs
+            block = False
+            if kind == "add":
+                request_id, prompt, params = arg
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except ValueError as e:
+                    outputs.append(_ErrorOutput(request_id, e))
+            elif kind == "abort":
+                outputs += self.engine.abort(arg)
+            elif kind == "stop":
+                outputs += self.engine.stop(arg)
+
+    def _dispatch(self, outputs: list) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out.error if isinstance(out, _ErrorOutput) else out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+
+
+@dataclass
+class _ErrorOutput:
+    request_id: str
+    error: BaseException

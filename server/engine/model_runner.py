@@ -1,0 +1,118 @@
+"""Turns a SchedulerOutput into one forward pass: flattens the batch, runs the model over the paged KV cache,
+and samples. It owns the KV cache tensors and the sampler; it never decides what runs (the scheduler does)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from model.attention_metadata import AttentionMetadata
+from model.config import ModelConfig
+from server.engine.config import EngineConfig
+from server.engine.sampling import Sampler, TokenLogprobs, compute_prompt_logprobs
+from server.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> logprobs of prompt positions [first, first + len) (each predicts the token at that position)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
+                 num_blocks: int, kv_cache_dtype: torch.dtype):
+        self.model = model
+        self.model_config = model_config
+        self.block_size = engine_config.block_size
+        self.device = torch.device(engine_config.device)
+        c = model_config
+        # One tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim].
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, self.block_size, c.num_key_value_heads, c.head_dim, dtype=kv_cache_dtype,
+                        device=self.device)
+            for _ in range(c.num_hidden_layers)
+        ]
+        self.sampler = Sampler()
+
+    def free_request(self, request_id: str) -> None:
+        self.sampler.free(request_id)
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> RunnerOutput:
+        input_ids, positions, metadata = self._prepare_inputs(batch.scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
+
+        # Only rows that need logits go through lm_head (a 256k-wide GEMM on the real models).
+        sample_rows, prompt_rows, prompt_spans = self._logit_rows(batch.scheduled)
+        rows = sample_rows + prompt_rows
+        output = RunnerOutput()
+        if not rows:
+            return output
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, vocab] fp32
+
+        sampled = [s.request for s in batch.scheduled if s.needs_sample and s.request.sampling_params.max_tokens > 0]
+        if sampled:
+            result = self.sampler(logits[: len(sample_rows)], sampled)
+            for request, token_id, logprobs in zip(sampled, result.token_ids, result.logprobs):
+                output.sampled_token_ids[request.request_id] = token_id
+                if logprobs is not None:
+                    output.logprobs[request.request_id] = logprobs
+
+        offset = len(sample_rows)
+        for request, first, count in prompt_spans:
+            targets = request.prompt_token_ids[first: first + count]
+            span_logits = logits[offset: offset + count]                        # [count, vocab]
+            offset += count
+            entries = compute_prompt_logprobs(span_logits, targets, request.sampling_params.prompt_logprobs)
+            output.prompt_logprobs[request.request_id] = (first, entries)
+        return output
+
+    def _prepare_inputs(self, scheduled: list[ScheduledRequest]):
+        token_ids: list[int] = []
+        positions: list[int] = []
+        query_lens, seq_lens, block_tables = [], [], []
+        for s in scheduled:
+            end = s.start + s.num_new_tokens
+            token_ids.extend(s.request.all_token_ids[s.start:end])
+            positions.extend(range(s.start, end))
+            query_lens.append(s.num_new_tokens)
+            seq_lens.append(end)
+            block_tables.append(s.request.block_ids)
+        metadata = AttentionMetadata.build(query_lens, seq_lens, block_tables, self.block_size, self.device)
+        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)   # [T]
+        position_ids = torch.tensor(positions, dtype=torch.int64, device=self.device)  # [T]
+        return input_ids, position_ids, metadata
+
+    @staticmethod
+    def _logit_rows(scheduled: list[ScheduledRequest]):
+        """Rows of the flat batch whose logits are needed: the last row of each sequence that samples, then
+        the rows whose next-token distribution scores a prompt token (prompt logprobs)."""
+        sample_rows: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_spans: list[tuple] = []
+        row = 0
+        for s in scheduled:
+            request = s.request
+            if s.needs_sample and request.sampling_params.max_tokens > 0:
+                sample_rows.append(row + s.num_new_tokens - 1)
+            if request.sampling_params.prompt_logprobs is not None:
+                # Position p's logits score prompt token p + 1; positions already scored (before a preemption)
+                # are skipped.
+                first = max(s.start, request.num_prompt_logprobs_done)
+                last = min(s.start + s.num_new_tokens, request.num_prompt_tokens - 1)
+                if first < last:
+                    prompt_rows.extend(range(row + first - s.start, row + last - s.start))
+                    prompt_spans.append((request, first + 1, last - first))
+            row += s.num_new_tokens
+        return sample_rows, prompt_rows, prompt_spans
