@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from server.api.tokenizer import IncrementalDetokenizer, Tokenizer
 from server.engine.engine import RequestOutput
-from server.engine.sampling import TokenLogprobs
+from server.engine.sampler import TokenLogprobs
 
 
 @dataclass

@@ -19,7 +19,8 @@ from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.model_runner import ModelRunner, RunnerOutput, kv_cache_bytes_per_block
 from server.engine.request import Request, RequestStatus
-from server.engine.sampling import SamplingParams, TokenLogprobs
+from server.engine.sampler import TokenLogprobs
+from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)

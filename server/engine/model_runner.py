@@ -10,7 +10,7 @@ import torch
 from model.attention_metadata import AttentionMetadata
 from model.config import ModelConfig
 from server.engine.config import EngineConfig
-from server.engine.sampling import Sampler, TokenLogprobs, compute_prompt_logprobs
+from server.engine.sampler import Sampler, TokenLogprobs, compute_prompt_logprobs
 from server.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
