@@ -4,7 +4,7 @@ tensor onto its shard.
 Today the tensor-parallel size is always 1: every rank holds whole weights and no collective runs. The split is
 already where it will be: column-parallel layers own a slice of the output features (dim 0 of the weight),
 row-parallel layers a slice of the input features (dim 1) and all-reduce their output, the vocab layers a slice of
-the vocabulary. Adding ranks means slicing `loaded_weight` by `tp_rank()` inside the loaders below and adding the
+the vocabulary. Adding ranks means slicing `loaded_weight` by the rank inside the loaders below and adding the
 collectives in `forward`; nothing outside this file has to learn about shards.
 
 Every loader checks shapes and raises `CheckpointError` with the expected and found shape; the model adds the
@@ -18,16 +18,6 @@ from torch import nn
 
 from model.errors import CheckpointError
 from model.quant import LinearMethod, UnquantizedLinearMethod
-
-
-def tp_rank() -> int:
-    """This process's tensor-parallel rank (always 0 until the multi-rank issue wires torch.distributed in)."""
-    return 0
-
-
-def tp_world_size() -> int:
-    """Number of tensor-parallel ranks (always 1 for now)."""
-    return 1
 
 
 def _check_shape(expected: torch.Size, loaded: torch.Tensor) -> None:

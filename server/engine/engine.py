@@ -43,7 +43,7 @@ class RequestOutput:
 
 @dataclass
 class EngineStats:
-    num_preemptions: int = 0
+    """Token counters since start (preemptions are counted by the scheduler)."""
     prompt_tokens: int = 0
     generation_tokens: int = 0
 
@@ -129,7 +129,6 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        self.stats.num_preemptions += len(batch.preempted)
         if batch.is_empty:
             return []
         result = self.runner.execute(batch)
@@ -168,7 +167,7 @@ class LLMEngine:
             request_id=request.request_id,
             finished=request.is_finished,
             finish_reason=request.status.finish_reason,
-            stop_token_id=getattr(request, "stop_reason", None) if request.is_finished else None,
+            stop_token_id=request.stop_reason if request.is_finished else None,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
             num_output_tokens=request.num_output_tokens,

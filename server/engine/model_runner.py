@@ -61,7 +61,7 @@ class ModelRunner:
             return output
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, vocab] fp32
 
-        sampled = [s.request for s in batch.scheduled if s.needs_sample and s.request.sampling_params.max_tokens > 0]
+        sampled = [s.request for s in batch.scheduled if s.needs_sample]
         if sampled:
             result = self.sampler(logits[: len(sample_rows)], sampled)
             for request, token_id, logprobs in zip(sampled, result.token_ids, result.logprobs):
@@ -84,7 +84,7 @@ class ModelRunner:
         query_lens, seq_lens, block_tables = [], [], []
         for s in scheduled:
             end = s.start + s.num_new_tokens
-            token_ids.extend(s.request.all_token_ids[s.start:end])
+            token_ids.extend(s.request.token_ids_between(s.start, end))
             positions.extend(range(s.start, end))
             query_lens.append(s.num_new_tokens)
             seq_lens.append(end)
@@ -104,7 +104,7 @@ class ModelRunner:
         row = 0
         for s in scheduled:
             request = s.request
-            if s.needs_sample and request.sampling_params.max_tokens > 0:
+            if s.needs_sample:
                 sample_rows.append(row + s.num_new_tokens - 1)
             if request.sampling_params.prompt_logprobs is not None:
                 # Position p's logits score prompt token p + 1; positions already scored (before a preemption)
