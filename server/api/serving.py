@@ -124,14 +124,17 @@ class OpenAIServing:
     # ---- running choices ----------------------------------------------------------------------------------
     async def _run_choice(self, request_id: str, choice: _Choice, sink: asyncio.Queue) -> None:
         engine_id = f"{request_id}-{choice.index}"
-        async for out in self.engine.generate(engine_id, choice.prompt_token_ids, choice.params):
-            delta = choice.processor.process(out)
-            await sink.put(delta)
-            if delta.stop_string_hit:
-                self.engine.stop_request(engine_id)
-                return
-            if delta.finish_reason is not None:
-                return
+        try:
+            async for out in self.engine.generate(engine_id, choice.prompt_token_ids, choice.params):
+                delta = choice.processor.process(out)
+                await sink.put(delta)
+                if delta.stop_string_hit:
+                    self.engine.stop_request(engine_id)
+                    return
+                if delta.finish_reason is not None:
+                    return
+        except ValueError as e:  # the engine refused the request (its own checks); a client error, not ours
+            raise APIError(str(e)) from None
 
     async def _deltas(self, request_id: str, choices: list[_Choice]) -> AsyncIterator[ChoiceDelta]:
         """Runs every choice concurrently and yields their deltas as they come. Cancelling the consumer (a
@@ -232,8 +235,8 @@ class OpenAIServing:
                               "finish_reason": delta.finish_reason}])
             if include_usage:
                 yield chunk([], self._usage(choices))
-        except (EngineDeadError, RuntimeError) as e:
-            yield _sse(error_envelope(f"engine error: {e}", "server_error", code="engine_error"))
+        except Exception as e:  # noqa: BLE001 — headers are sent: report in-band, then end the stream cleanly
+            yield _stream_error(e)
         yield "data: [DONE]\n\n"
 
     # ---- chat ---------------------------------------------------------------------------------------------
@@ -303,8 +306,8 @@ class OpenAIServing:
                               "finish_reason": delta.finish_reason}])
             if include_usage:
                 yield chunk([], self._usage(choices))
-        except (EngineDeadError, RuntimeError) as e:
-            yield _sse(error_envelope(f"engine error: {e}", "server_error", code="engine_error"))
+        except Exception as e:  # noqa: BLE001 — headers are sent: report in-band, then end the stream cleanly
+            yield _stream_error(e)
         yield "data: [DONE]\n\n"
 
     @staticmethod
@@ -314,6 +317,15 @@ class OpenAIServing:
         completion_tokens = sum(c.processor.num_output_tokens for c in choices)
         cached = sum(c.processor.num_cached_tokens for c in choices)
         return usage(prompt_tokens, completion_tokens, cached)
+
+
+def _stream_error(error: Exception) -> str:
+    """A mid-stream failure as the event OpenAI clients raise on: data: {"error": {...}}."""
+    if isinstance(error, APIError):
+        return _sse(error.envelope())
+    if not isinstance(error, EngineDeadError):
+        logger.exception("stream failed", exc_info=error)
+    return _sse(error_envelope(f"engine error: {error}", "server_error", code="engine_error"))
 
 
 def _sse(body: dict) -> str:
