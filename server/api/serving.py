@@ -206,38 +206,20 @@ class OpenAIServing:
         return {"id": request_id, "object": "text_completion", "created": now(), "model": self.model_name,
                 "choices": out_choices, "usage": self._usage(choices)}
 
-    async def _stream_completion(self, request: CompletionRequest, request_id: str,
-                                 choices: list[_Choice]) -> AsyncIterator[str]:
-        created = now()
+    def _stream_completion(self, request: CompletionRequest, request_id: str,
+                           choices: list[_Choice]) -> AsyncIterator[str]:
         name = TokenNamer(self.tokenizer, request.return_tokens_as_token_ids)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        opening = [{"index": c.index, "text": self.tokenizer.decode(c.prompt_token_ids), "logprobs": None,
+                    "finish_reason": None} for c in choices] if request.echo else []
 
-        def chunk(choice_list: list, usage_value=None) -> str:
-            body = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": choice_list}
-            if include_usage:
-                body["usage"] = usage_value
-            return _sse(body)
+        def render(delta: ChoiceDelta) -> dict:
+            logprobs = None
+            if request.logprobs is not None and delta.logprobs:
+                logprobs = completion_logprobs(name, delta.logprobs, [e.token_id for e in delta.logprobs])
+            return {"index": delta.index, "text": delta.text, "logprobs": logprobs,
+                    "finish_reason": delta.finish_reason}
 
-        try:
-            if request.echo:
-                for c in choices:
-                    yield chunk([{"index": c.index, "text": self.tokenizer.decode(c.prompt_token_ids),
-                                  "logprobs": None, "finish_reason": None}])
-            async for delta in self._deltas(request_id, choices):
-                if not delta.text and delta.finish_reason is None and not delta.logprobs:
-                    continue
-                logprobs = None
-                if request.logprobs is not None and delta.logprobs:
-                    logprobs = completion_logprobs(name, delta.logprobs,
-                                                   [e.token_id for e in delta.logprobs])
-                yield chunk([{"index": delta.index, "text": delta.text, "logprobs": logprobs,
-                              "finish_reason": delta.finish_reason}])
-            if include_usage:
-                yield chunk([], self._usage(choices))
-        except Exception as e:  # noqa: BLE001 — headers are sent: report in-band, then end the stream cleanly
-            yield _stream_error(e)
-        yield "data: [DONE]\n\n"
+        return self._stream(request, request_id, choices, "text_completion", opening, render)
 
     # ---- chat ---------------------------------------------------------------------------------------------
     async def chat(self, request: ChatCompletionRequest):
@@ -280,30 +262,41 @@ class OpenAIServing:
         return {"id": request_id, "object": "chat.completion", "created": now(), "model": self.model_name,
                 "choices": out_choices, "usage": self._usage(choices)}
 
-    async def _stream_chat(self, request: ChatCompletionRequest, request_id: str,
-                           choices: list[_Choice]) -> AsyncIterator[str]:
-        created = now()
+    def _stream_chat(self, request: ChatCompletionRequest, request_id: str,
+                     choices: list[_Choice]) -> AsyncIterator[str]:
         name = TokenNamer(self.tokenizer, request.return_tokens_as_token_ids)
+        # OpenAI clients expect each choice to open with a role delta.
+        opening = [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for c in choices]
+
+        def render(delta: ChoiceDelta) -> dict:
+            return {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
+                    "logprobs": chat_logprobs(name, delta.logprobs) if request.logprobs else None,
+                    "finish_reason": delta.finish_reason}
+
+        return self._stream(request, request_id, choices, "chat.completion.chunk", opening, render)
+
+    async def _stream(self, request, request_id: str, choices: list[_Choice], object_name: str,
+                      opening: list[dict], render) -> AsyncIterator[str]:
+        """Server-sent events: the opening choice chunks, one chunk per delta (the one carrying finish_reason
+        included), with include_usage a final `choices: []` chunk with usage (`usage: null` on the others), then
+        [DONE]. The same id and created on every chunk; an error after the headers went out is an error event."""
+        created = now()
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
         def chunk(choice_list: list, usage_value=None) -> str:
-            body = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                    "model": self.model_name, "choices": choice_list}
+            body = {"id": request_id, "object": object_name, "created": created, "model": self.model_name,
+                    "choices": choice_list}
             if include_usage:
                 body["usage"] = usage_value
             return _sse(body)
 
         try:
-            for c in choices:
-                yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
+            for choice in opening:
+                yield chunk([choice])
             async for delta in self._deltas(request_id, choices):
-                if not delta.text and delta.finish_reason is None and not delta.logprobs:
-                    continue
-                logprobs = chat_logprobs(name, delta.logprobs) if request.logprobs else None
-                body = {"content": delta.text} if delta.text else {}
-                yield chunk([{"index": delta.index, "delta": body, "logprobs": logprobs,
-                              "finish_reason": delta.finish_reason}])
+                if delta.text or delta.finish_reason is not None or delta.logprobs:
+                    yield chunk([render(delta)])
             if include_usage:
                 yield chunk([], self._usage(choices))
         except Exception as e:  # noqa: BLE001 — headers are sent: report in-band, then end the stream cleanly
