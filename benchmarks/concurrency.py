@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 
 def start_server(model: str | None, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.api.cli", "serve", "--port", str(port), "--served-model-name", "bench",
+    cmd = [sys.executable, "-m", "n4.cli", "serve", "--port", str(port), "--served-model-name", "bench",
            "--log-level", "warning"]
     if model:
         cmd += ["--model", model]

@@ -1,7 +1,8 @@
 """Causal GQA attention of a flat token batch over the paged KV cache (prefill chunks and decode alike).
 
 `paged_attention_ref` is the CPU execution path and the specification every Triton attention kernel is tested
-against. Semantics:
+against; `paged_prefill_attention` is the Triton kernel for batches with prompt chunks (design notes above
+`_paged_prefill_attention_kernel`). Semantics:
 
 - The batch is packed: sequence b's new tokens are rows query_start_loc[b]:query_start_loc[b+1] of `q`. They are
   the LAST q_len[b] tokens of a sequence of seq_lens[b] tokens; the first seq_lens[b] - q_len[b] (the context) were
@@ -9,6 +10,7 @@ against. Semantics:
 - Token i of sequence b lives at cache slot block_tables[b, i // BS] * BS + i % BS.
 - Causal: the query at absolute position p attends keys 0..p of its own sequence.
 - GQA: query head h reads KV head h // (Hq // Hkv).
+- The cache holds K/V in q's dtype or FP8 E4M3; the values used are stored.float() * k_scale (v_scale), per tensor.
 - Scores, softmax and the weighted sum of V are computed in fp32; the output has q's dtype.
 
 Cache slots that no valid key maps to (padding of the block table, blocks of other sequences, never-written memory)
@@ -16,14 +18,22 @@ may hold anything, NaN included: they are masked out before they can reach the o
 """
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                        max_query_len: int, max_seq_len: int, scale: float) -> torch.Tensor:
+                        max_query_len: int, max_seq_len: int, scale: float,
+                        k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D]; k_cache, v_cache [NB, BS, Hkv, D]; query_start_loc [B+1] int32; seq_lens [B] int32;
     block_tables [B, MB] int32 -> out [T, Hq, D] in q's dtype.
+
+    k_scale / v_scale dequantize the cache: the key (value) used is stored.float() * k_scale (v_scale). With an FP8
+    E4M3 cache they are the checkpoint's per-tensor `self_attn.k_scale` / `v_scale`; with a bf16/fp16/fp32 cache 1.0.
 
     Vectorized over the batch: gather every sequence's K/V into a padded [B, max_seq_len, Hkv, D], pad the queries
     to [B, max_query_len, Hq, D], mask, attend, and scatter the valid rows back to the flat layout.
@@ -47,10 +57,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     blocks = block_tables.long()[:, k_pos // block_size]                   # [B, S]
     slots = blocks * block_size + k_pos % block_size                       # [B, S]
     key_valid = k_pos[None, :] < seq_lens[:, None]                         # [B, S]
-    k = k_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slots]  # [B, S, Hkv, D]
-    v = v_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slots]  # [B, S, Hkv, D]
+    k = k_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slots].float() * k_scale  # [B, S, Hkv, D]
+    v = v_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slots].float() * v_scale  # [B, S, Hkv, D]
     # Zero V outside each sequence so that garbage there (even NaN) cannot leak through a 0 probability.
-    v = v.float().masked_fill(~key_valid[:, :, None, None], 0.0)           # [B, S, Hkv, D] fp32
+    v = v.masked_fill(~key_valid[:, :, None, None], 0.0)                   # [B, S, Hkv, D] fp32
 
     # Queries: padded row i of sequence b is flat row starts[b] + i, when i < q_lens[b].
     q_idx = torch.arange(max_query_len, device=device)                     # [Q]
@@ -63,7 +73,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     q_pos = ctx_lens[:, None] + q_idx[None, :]                             # [B, Q]
     allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]  # [B, Q, S]
 
-    scores = torch.einsum("bqhgd,bshd->bhgqs", q_pad, k.float()) * scale   # [B, Hkv, G, Q, S] fp32
+    scores = torch.einsum("bqhgd,bshd->bhgqs", q_pad, k) * scale           # [B, Hkv, G, Q, S] fp32
     scores = scores.masked_fill(~allowed[:, None, None, :, :], float("-inf"))
     # A row with no allowed key at all (padding of an empty sequence) turns NaN here; such rows are dropped below.
     probs = torch.softmax(scores, dim=-1)                                  # [B, Hkv, G, Q, S] fp32
@@ -71,4 +81,275 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out_pad = out_pad.reshape(num_seqs, max_query_len, num_heads, head_dim)  # [B, Q, Hq, D]
 
     out[rows[query_valid]] = out_pad[query_valid].to(q.dtype)              # [T_valid, Hq, D] back to flat rows
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton: paged_prefill_attention
+#
+# Grid (query tiles, KV heads). A program owns TILE_M consecutive new tokens of ONE sequence and ALL G query heads
+# of one KV head: its BLOCK_R = TILE_M * G (+ padding) score rows are (token, head) pairs, row r = token r // G,
+# head r % G, so each K/V tile is read once per GQA group and feeds one [BLOCK_R, BLOCK_N] tl.dot. TILE_M =
+# BLOCK_R // G need not be a power of two (G = 6 -> 21 tokens = 126 of 128 rows; G = 12 -> 10 tokens = 120 rows).
+#
+# Tile -> sequence map, computed on the device with no host sync: sequence b's tiles start at program
+# query_start_loc[b] // TILE_M + b. That is increasing in b and leaves room for all cdiv(q_len, TILE_M) tiles of b,
+# so a binary search over query_start_loc finds a program's sequence; a program past its sequence's last tile exits.
+# Grid size T // TILE_M + B: at most one idle program per sequence, instead of B * cdiv(max_query_len, TILE_M).
+#
+# Keys are visited in BLOCK_N tiles along the sequence, each key's slot looked up in the block table (so a tile
+# spans BLOCK_N / BS cache blocks and any block size works). Tiles entirely at or before the tile's first query
+# position need no causal mask; the rest, up to the last query position, are masked; later ones are skipped.
+# Online softmax in fp32 with exp2 (scale * k_scale * log2(e) folded into one multiplier, v_scale applied once at
+# the end). head_dim D is split into a power-of-two head part BLOCK_DA and a tail BLOCK_DB (192 = 128 + 64), two dots
+# per product instead of padding D to 256 (which would waste 25% of the MMA work and registers); D-axis masks cover
+# dims that are not a sum of two powers of two. FP8 cache: K/V tiles load as e4m3 and convert to q's dtype, which
+# is exact (every e4m3 value is a bf16/fp16/fp32 value), so the only difference from the ref is the fp32 rounding
+# of where the scales are multiplied in.
+# ----------------------------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST is set only under TRITON_INTERPRET=1 with bf16 operands: the interpreter keeps
+    bf16 as raw uint16 bits and its tl.dot multiplies the bit patterns (triton-lang/triton#11584, not supported
+    upstream); the operands are already bf16-rounded, so the fp32 product is what a bf16 MMA computes. Compiled
+    kernels never take this branch."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt_row, stride_btn,
+                    k_ptr, v_ptr, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, HAS_TAIL: tl.constexpr,
+                    CAUSAL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step of BLOCK_R score rows against keys start_n .. start_n + BLOCK_N - 1."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)                                  # [BLOCK_N] absolute key positions
+    key_ok = offs_n < kv_end                                                  # [BLOCK_N]
+    blk = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btn, mask=key_ok, other=0).to(tl.int64)  # [BLOCK_N]
+    in_blk = offs_n % BLOCK_SIZE                                              # [BLOCK_N]
+    k_row = k_ptr + blk * stride_kb + in_blk * stride_ks                      # [BLOCK_N] pointers to each key
+    v_row = v_ptr + blk * stride_vb + in_blk * stride_vs                      # [BLOCK_N]
+
+    offs_da = tl.arange(0, BLOCK_DA)
+    mask_a = key_ok[:, None] & (offs_da[None, :] < HEAD_DIM)                  # [BLOCK_N, BLOCK_DA]
+    # Masked-off slots read 0, never the cache: they may hold NaN (or belong to another sequence).
+    k_a = tl.load(k_row[:, None] + offs_da[None, :] * stride_kd, mask=mask_a, other=0.0).to(q_a.dtype)
+    s = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    s = _mma(q_a, tl.trans(k_a), s, UPCAST, DOT_PRECISION)                   # [BLOCK_R, BLOCK_N] fp32
+    if HAS_TAIL:
+        offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
+        mask_b = key_ok[:, None] & (offs_db[None, :] < HEAD_DIM)              # [BLOCK_N, BLOCK_DB]
+        k_b = tl.load(k_row[:, None] + offs_db[None, :] * stride_kd, mask=mask_b, other=0.0).to(q_b.dtype)
+        s = _mma(q_b, tl.trans(k_b), s, UPCAST, DOT_PRECISION)
+    s = s * qk_scale                                                          # log2-domain scores
+    if CAUSAL_MASK:
+        s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))                                     # [BLOCK_R]; m_i starts finite
+    alpha = tl.exp2(m_i - m_new)                                              # rescales what was summed so far
+    p = tl.exp2(s - m_new[:, None])                                           # [BLOCK_R, BLOCK_N] fp32
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    v_a = tl.load(v_row[:, None] + offs_da[None, :] * stride_vd, mask=mask_a, other=0.0).to(q_a.dtype)
+    acc_a = acc_a * alpha[:, None]
+    acc_a = _mma(p.to(v_a.dtype), v_a, acc_a, UPCAST, DOT_PRECISION)          # [BLOCK_R, BLOCK_DA] fp32
+    if HAS_TAIL:
+        v_b = tl.load(v_row[:, None] + offs_db[None, :] * stride_vd, mask=mask_b, other=0.0).to(q_b.dtype)
+        acc_b = acc_b * alpha[:, None]
+        acc_b = _mma(p.to(v_b.dtype), v_b, acc_b, UPCAST, DOT_PRECISION)
+    return acc_a, acc_b, m_new, l_i
+
+
+@triton.jit
+def _paged_prefill_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
+        num_seqs, qk_scale, v_scale,
+        stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+        stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+        stride_btb, stride_btn,
+        GROUP: tl.constexpr, TILE_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+        HAS_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    tile_id = tl.program_id(0)
+    kv_head = tl.program_id(1)
+
+    # Sequence of this program: the last b with query_start_loc[b] // TILE_M + b <= tile_id (see the map above).
+    lo = tl.zeros((), tl.int32)
+    hi = tl.zeros((), tl.int32) + num_seqs                  # the answer + 1 lies in (lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(qsl_ptr + mid).to(tl.int32) // TILE_M + mid
+        go_right = first <= tile_id
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right, hi, mid)
+    seq = lo - 1
+    q_start = tl.load(qsl_ptr + seq).to(tl.int32)
+    q_len = tl.load(qsl_ptr + seq + 1).to(tl.int32) - q_start
+    tile_start = (tile_id - (q_start // TILE_M + seq)) * TILE_M   # first new token of this tile, within the sequence
+    if tile_start >= q_len:
+        return                                              # the (at most one) spare program of this sequence
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    ctx_len = seq_len - q_len                               # tokens cached before this step
+
+    # Score rows: (token, head) pairs of this tile and KV head.
+    offs_r = tl.arange(0, BLOCK_R)
+    tok = tile_start + offs_r // GROUP                      # [BLOCK_R] token index within the sequence's new tokens
+    head = kv_head * GROUP + offs_r % GROUP                 # [BLOCK_R] query head
+    row_ok = (offs_r < TILE_M * GROUP) & (tok < q_len)      # [BLOCK_R]
+    q_pos = ctx_len + tok                                   # [BLOCK_R] absolute position (causal limit)
+    q_row = q_ptr + (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh   # [BLOCK_R]
+    o_row = out_ptr + (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh  # [BLOCK_R]
+
+    offs_da = tl.arange(0, BLOCK_DA)
+    q_mask_a = row_ok[:, None] & (offs_da[None, :] < HEAD_DIM)
+    q_a = tl.load(q_row[:, None] + offs_da[None, :] * stride_qd, mask=q_mask_a, other=0.0)  # [BLOCK_R, BLOCK_DA]
+    acc_a = tl.zeros([BLOCK_R, BLOCK_DA], dtype=tl.float32)
+    offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
+    q_mask_b = row_ok[:, None] & (offs_db[None, :] < HEAD_DIM)
+    if HAS_TAIL:
+        q_b = tl.load(q_row[:, None] + offs_db[None, :] * stride_qd, mask=q_mask_b, other=0.0)  # [BLOCK_R, BLOCK_DB]
+    else:
+        q_b = q_a                                           # placeholder, never read
+    acc_b = tl.zeros([BLOCK_R, BLOCK_DB], dtype=tl.float32)
+    # Finite start: a row that sees only masked scores in a tile keeps alpha = 1, p = 0 instead of NaN.
+    m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
+    k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
+    first_pos = ctx_len + tile_start                        # smallest query position of the tile
+    kv_end = ctx_len + tl.minimum(tile_start + TILE_M, q_len)   # keys [0, kv_end) are all this tile may see
+    # Keys below full_end are <= first_pos, so visible to every row: no causal mask there.
+    full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc_a, acc_b, m_i, l_i = _attend_kv_tile(
+            acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt_row, stride_btn,
+            k_head, v_head, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_R, BLOCK_N, BLOCK_DA, BLOCK_DB, HAS_TAIL, False, DOT_PRECISION, UPCAST)
+    for start_n in range(full_end, kv_end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc_a, acc_b, m_i, l_i = _attend_kv_tile(
+            acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt_row, stride_btn,
+            k_head, v_head, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_R, BLOCK_N, BLOCK_DA, BLOCK_DB, HAS_TAIL, True, DOT_PRECISION, UPCAST)
+
+    inv_l = v_scale / tl.where(l_i > 0.0, l_i, 1.0)        # [BLOCK_R]; padding rows have l = 0 and are not stored
+    out_a = acc_a * inv_l[:, None]
+    tl.store(o_row[:, None] + offs_da[None, :] * stride_od, out_a.to(out_ptr.dtype.element_ty), mask=q_mask_a)
+    if HAS_TAIL:
+        out_b = acc_b * inv_l[:, None]
+        tl.store(o_row[:, None] + offs_db[None, :] * stride_od, out_b.to(out_ptr.dtype.element_ty), mask=q_mask_b)
+
+
+_Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_DA, BLOCK_DB): a power-of-two head part and a power-of-two tail (0: none), both >= 16 (tl.dot's K).
+    64 -> (64, 0), 128 -> (128, 0), 192 -> (128, 64), 80 -> (64, 16), 72 -> (64, 16) with the tail masked."""
+    block_da = max(16, 1 << (head_dim.bit_length() - 1))
+    tail = head_dim - block_da
+    return block_da, (max(16, triton.next_power_of_2(tail)) if tail > 0 else 0)
+
+
+def _launch_config(head_dim: int, group: int, elem_bytes: int) -> dict:
+    """BLOCK_R score rows (TILE_M tokens x G heads), BLOCK_N keys per tile, warps and pipeline stages for sm_90.
+
+    Checked by compiling for sm_90 with the Triton wheel's ptxas (no GPU here; timings still to be measured):
+    bf16 q, 128 x 64 tiles, 8 warps, 3 stages use 126-153 (D=64) / 178-227 (D=128, bf16 or FP8 cache) registers a
+    thread without spills and 33-99 KiB of shared memory. D=192 takes 32-key tiles: 64 keys hit 255 registers and
+    spilled with an FP8 cache; 32 keys use 232-239 and 70-99 KiB. The K/V loads are gathers through the block table
+    (no TMA), so 3 cp.async stages hide their latency. fp32 q (tests, not serving) takes the FMA-based ieee dot, no
+    tensor cores: 32 x 16 tiles (16 x 16 above D=64) over 8 warps stay spill-free, FP8 cache included.
+    """
+    if elem_bytes >= 4:
+        block_r, block_n, num_warps, num_stages = (32 if head_dim <= 64 else 16), 16, 8, 2
+    else:
+        block_r, block_n, num_warps, num_stages = 128, (64 if head_dim <= 128 else 32), 8, 3
+    block_r = max(block_r, triton.next_power_of_2(group))   # at least one token of all G heads per tile
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _check_prefill_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(f"paged_prefill_attention: q must be [T, Hq, D] and k_cache [NB, BS, Hkv, D], got "
+                         f"{tuple(q.shape)} and {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"paged_prefill_attention: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"paged_prefill_attention: head_dim of q ({head_dim}) and cache ({k_cache.shape[3]}) differ")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"paged_prefill_attention: {num_heads} query heads are not a multiple of "
+                         f"{num_kv_heads} KV heads")
+    if q.dtype not in _Q_DTYPES:
+        raise ValueError(f"paged_prefill_attention: q dtype {q.dtype} is not one of {_Q_DTYPES}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"paged_prefill_attention: the K/V cache must be {q.dtype} (q's dtype) or "
+                         f"torch.float8_e4m3fn, got {k_cache.dtype} / {v_cache.dtype}")
+    num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
+    if (query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2
+            or block_tables.shape[0] != num_seqs):
+        raise ValueError(f"paged_prefill_attention: need query_start_loc [B+1], seq_lens [B], block_tables [B, MB]; "
+                         f"got {tuple(query_start_loc.shape)}, {tuple(seq_lens.shape)}, {tuple(block_tables.shape)}")
+    for name, t in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens), ("block_tables", block_tables)):
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"paged_prefill_attention: {name} must be int32 or int64, got {t.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("query_start_loc", query_start_loc),
+                    ("seq_lens", seq_lens), ("block_tables", block_tables)):
+        if t.device != q.device:
+            raise ValueError(f"paged_prefill_attention: {name} is on {t.device}, q on {q.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError("paged_prefill_attention: a Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
+                         "on the CPU use paged_attention_ref")
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            max_query_len: int, max_seq_len: int, scale: float,
+                            k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """Triton version of `paged_attention_ref` (same arguments, same result within the tolerances in
+    tests/kernels/test_paged_prefill_attention.py). q [T, Hq, D] fp32/bf16/fp16; k_cache, v_cache [NB, BS, Hkv, D]
+    in q's dtype or float8_e4m3fn (dequantized with k_scale / v_scale) -> out [T, Hq, D] in q's dtype.
+
+    max_query_len and max_seq_len are accepted for signature parity; the kernel bounds each sequence on the device,
+    so the launch needs no host sync and is CUDA-graph safe.
+    """
+    _check_prefill_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // num_kv_heads
+    # Zeros, not empty: rows past query_start_loc[-1] (a padded batch) belong to no program and stay 0, as in the ref.
+    out = torch.zeros_like(q)                                                # [T, Hq, D]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+
+    block_da, block_db = _split_head_dim(head_dim)
+    cfg = _launch_config(head_dim, group, q.element_size())
+    tile_m = cfg["BLOCK_R"] // group                                         # tokens per program
+    grid = (num_tokens // tile_m + num_seqs, num_kv_heads)                   # >= sum_b cdiv(q_len_b, TILE_M)
+    _paged_prefill_attention_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        num_seqs, float(scale) * float(k_scale) * _LOG2E, float(v_scale),
+        *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
+        GROUP=group, TILE_M=tile_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DA=block_da, BLOCK_DB=max(block_db, 16),
+        HAS_TAIL=block_db > 0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -24,8 +24,8 @@ INDEX_FILE = "model.safetensors.index.json"
 DUMMY_INIT_STD = 0.02
 
 
-def load_model(model: str, dtype: str = "auto", device: str = "cpu",
-               load_format: str = "auto") -> tuple[NemotronForCausalLM, ModelConfig]:
+def load_model(model: str, dtype: str = "auto", device: str = "cpu", load_format: str = "auto",
+               kernel_backend: str = "torch") -> tuple[NemotronForCausalLM, ModelConfig]:
     """Load `model` (a checkpoint directory or a preset name) for inference on `device`.
 
     dtype: "auto" (the checkpoint's torch_dtype) | "float32" | "bfloat16" | "float16". The returned config's
@@ -47,7 +47,7 @@ def load_model(model: str, dtype: str = "auto", device: str = "cpu",
     config = config.with_(torch_dtype=resolve_dtype(dtype, config))
 
     with torch.device(device):
-        net = NemotronForCausalLM(config)
+        net = NemotronForCausalLM(config, kernel_backend=kernel_backend)
     if load_format == "dummy":
         init_dummy_weights(net)
     else:

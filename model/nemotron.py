@@ -15,6 +15,7 @@ from model.attention_metadata import AttentionMetadata
 from model.config import ModelConfig
 from model.errors import CheckpointError
 from model.layers import DecoderLayer, LayerNorm1P, RotaryEmbedding, params_dtype
+from model.ops import get_ops
 from model.parallel import ParallelLMHead, VocabParallelEmbedding, default_weight_loader
 from model.quant import LinearMethod, UnquantizedLinearMethod
 
@@ -25,31 +26,34 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class NemotronModel(nn.Module):
-    def __init__(self, config: ModelConfig, linear_method: LinearMethod):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod, kernel_backend: str):
         super().__init__()
         dtype = params_dtype(config)
+        ops = get_ops(kernel_backend)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
         self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rope_theta)
-        self.layers = nn.ModuleList(DecoderLayer(config, linear_method) for _ in range(config.num_hidden_layers))
-        self.norm = LayerNorm1P(config.hidden_size, config.norm_eps, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, linear_method, ops)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = LayerNorm1P(config.hidden_size, config.norm_eps, dtype, ops)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
         x = self.embed_tokens(input_ids)          # [T, hidden]
-        cos, sin = self.rotary_emb(positions)     # [T, rotary_dim / 2] each, shared by all layers
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, attn_metadata)  # [T, hidden]
+            x = layer(x, positions, self.rotary_emb, kv_cache, attn_metadata)  # [T, hidden]
         return self.norm(x)                       # [T, hidden]
 
 
 class NemotronForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None = None):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None = None,
+                 kernel_backend: str = "torch"):
         super().__init__()
         self.config = config
+        self.kernel_backend = kernel_backend
         self.linear_method = linear_method or UnquantizedLinearMethod()
-        self.model = NemotronModel(config, self.linear_method)
+        self.model = NemotronModel(config, self.linear_method, kernel_backend)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype(config))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

@@ -25,6 +25,10 @@ class LinearMethod:
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Hook run once all of `layer`'s parameters are loaded (e.g. to quantize or re-layout them)."""
 
+    def squared_relu_mlp(self, up: nn.Module, down: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
+        """down(relu(up(x)) ** 2); a method may fuse the activation into the up-projection's epilogue."""
+        return self.apply(down, torch.relu(self.apply(up, x)).square())
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """Plain weight in the model dtype; y = F.linear(x, weight)."""
@@ -35,3 +39,7 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight)  # [..., out]
+
+    def squared_relu_mlp(self, up: nn.Module, down: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
+        # The backend's MLP: a Triton GEMM with relu(.)**2 applied on the fp32 accumulator, or its reference.
+        return ops.squared_relu_mlp(x, up.weight, down.weight)  # [T, hidden]

@@ -1,4 +1,4 @@
-"""`n4` command line: `n4 serve` (OpenAI-compatible server) and `n4 generate` (one prompt, offline)."""
+"""`n4 serve` (OpenAI-compatible server) and `n4 generate` (one prompt, offline); n4/cli.py dispatches here."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from model.config import PRESETS, get_config
+from model.ops import BACKENDS, default_backend
 from server.engine.config import EngineConfig
 
 logger = logging.getLogger("n4")
@@ -32,6 +33,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory n4 may use (weights + KV cache)")
     p.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prompt prefixes")
+    p.add_argument("--kernel-backend", choices=BACKENDS, default=None,
+                   help="triton (default with CUDA) or torch (plain-torch references; the default without CUDA)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def _build_engine(args):
@@ -44,6 +48,9 @@ def _build_engine(args):
     if dtype == "auto" and device == "cpu" and model_config.torch_dtype != "float32":
         # CPU matmuls in bf16/fp16 are slower than fp32 on most hosts; GPUs keep the checkpoint dtype.
         dtype = "float32"
+    if args.kernel_backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--kernel-backend triton needs a CUDA GPU (or TRITON_INTERPRET=1, the slow interpreter "
+                         "the tests use); use --kernel-backend torch on the CPU")
     max_model_len = args.max_model_len or model_config.max_position_embeddings
     if max_model_len > model_config.max_position_embeddings:
         raise ValueError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
@@ -53,16 +60,17 @@ def _build_engine(args):
         max_num_batched_tokens=max(args.max_num_batched_tokens, 1), block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory << 20, gpu_memory_utilization=args.gpu_memory_utilization,
-        device=device)
+        kernel_backend=args.kernel_backend or default_backend(), enforce_eager=args.enforce_eager, device=device)
     engine = LLMEngine.from_pretrained(args.model, engine_config, dtype=dtype, load_format=args.load_format)
     tokenizer_dir = args.model if os.path.isfile(os.path.join(args.model, "tokenizer.model")) else DEMO_MODEL
     if tokenizer_dir != args.model:
         logger.warning("%s has no tokenizer.model; using the demo model's tokenizer", args.model)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     param = next(engine.runner.model.parameters())
-    logger.info("model %s: %d layers, hidden %d, %s on %s; KV cache %d blocks of %d tokens = %d tokens, "
+    logger.info("model %s: %d layers, hidden %d, %s on %s, %s kernels; KV cache %d blocks of %d tokens = %d tokens, "
                 "%.1f concurrent sequences of %d tokens", args.model, model_config.num_hidden_layers,
-                model_config.hidden_size, str(param.dtype).replace("torch.", ""), device, engine.num_blocks,
+                model_config.hidden_size, str(param.dtype).replace("torch.", ""), device, engine_config.kernel_backend,
+                engine.num_blocks,
                 engine_config.block_size, engine.num_blocks * engine_config.block_size, engine.max_concurrency,
                 max_model_len)
     return engine, tokenizer
@@ -111,10 +119,8 @@ def generate(args) -> None:
                 processor.num_output_tokens, processor.finish_reason)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="n4", description="Serve Nemotron-4 models")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub) -> None:
+    """Register `serve` and `generate` on the `n4` command's subparsers (n4/cli.py)."""
     p_serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     _add_engine_args(p_serve)
     p_serve.add_argument("--host", default="127.0.0.1")
@@ -130,18 +136,4 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("--temperature", type=float, default=0.0)
     p_gen.add_argument("--seed", type=int, default=None)
     p_gen.add_argument("--chat", action="store_true", help="wrap the prompt in the Nemotron-4 chat template")
-    p_gen.set_defaults(func=generate, log_level="info")
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args.func(args)
-    except (ValueError, OSError) as e:
-        print(f"n4 {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
+    p_gen.set_defaults(func=generate)

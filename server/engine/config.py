@@ -14,7 +14,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None     # None: size the pool from memory (gpu_memory_utilization / kv_cache_memory)
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int = 256 << 20  # CPU: bytes given to the KV pool when num_kv_blocks is not set
-    kernel_backend: str = "torch"
+    kernel_backend: str = "torch"        # torch | triton (model/ops.py)
+    enforce_eager: bool = False          # True: no CUDA graphs for decode steps
     device: str = "cpu"
 
     def __post_init__(self):

@@ -66,7 +66,8 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, model: str, engine_config: EngineConfig, dtype: str = "auto",
                         load_format: str = "auto") -> "LLMEngine":
-        module, config = load_model(model, dtype=dtype, device=engine_config.device, load_format=load_format)
+        module, config = load_model(model, dtype=dtype, device=engine_config.device, load_format=load_format,
+                                    kernel_backend=engine_config.kernel_backend)
         return cls(module, config, engine_config)
 
     # ---- sizing -------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from model.attention_metadata import AttentionMetadata
 from model.config import ModelConfig
 from server.engine.config import EngineConfig
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.sampler import Sampler, TokenLogprobs, compute_prompt_logprobs
 from server.engine.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -44,6 +45,12 @@ class ModelRunner:
             for _ in range(c.num_hidden_layers)
         ]
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not engine_config.enforce_eager:
+            max_blocks = -(-engine_config.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(model, self.kv_caches, engine_config.max_num_seqs, max_blocks,
+                                       engine_config.max_model_len, self.device)
+            self.graphs.capture_all()
 
     def free_request(self, request_id: str) -> None:
         self.sampler.free(request_id)
@@ -51,7 +58,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
         input_ids, positions, metadata = self._prepare_inputs(batch.scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
+        if self.graphs is not None and self.graphs.can_run(metadata):
+            hidden = self.graphs.run(input_ids, positions, metadata)         # [T, hidden]
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
 
         # Only rows that need logits go through lm_head (a 256k-wide GEMM on the real models).
         sample_rows, prompt_rows, prompt_spans = self._logit_rows(batch.scheduled)

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from server.api.cli import main
+from n4.cli import main
 
 
 def _n4(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.api.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "n4.cli", *args], capture_output=True, text=True,
                           timeout=120)
 
 

@@ -24,7 +24,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server.api.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "n4.cli", "serve", "--port", str(port),
                              "--served-model-name", "demo", "--max-model-len", "512"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

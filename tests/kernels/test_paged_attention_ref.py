@@ -1,10 +1,9 @@
-"""paged_attention_ref and write_kv_cache_ref against a naive per-sequence dense causal attention."""
+"""paged_attention_ref against a naive per-sequence dense causal attention."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.kv_cache import write_kv_cache_ref
 from kernels.paged_attention import paged_attention_ref
 
 # (cached tokens before this step, new tokens) per sequence: decode steps (q_len 1) with and without context,
@@ -96,25 +95,3 @@ def test_rows_past_the_last_sequence_are_zero():
     out = paged_attention_ref(padded_q, k_cache, v_cache, scale=0.25, **meta)
     torch.testing.assert_close(out[:5], _naive_attention(q, k_cache, v_cache, [(3, 2), (0, 3)], tables, 0.25))
     assert (out[5:] == 0).all()
-
-
-def test_write_kv_cache_writes_only_the_mapped_slots():
-    g = torch.Generator().manual_seed(4)
-    kv_cache = torch.zeros(2, 6, 4, 2, 8)  # one layer's [2, NB, BS, Hkv, D]
-    k = torch.randn(5, 2, 8, generator=g)
-    v = torch.randn(5, 2, 8, generator=g)
-    slots = torch.tensor([17, 3, 4, 22, 0])
-    write_kv_cache_ref(k, v, kv_cache[0], kv_cache[1], slots)
-    flat = kv_cache.flatten(1, 2)  # [2, NB * BS, Hkv, D]
-    torch.testing.assert_close(flat[0, slots], k)
-    torch.testing.assert_close(flat[1, slots], v)
-    others = torch.ones(24, dtype=torch.bool)
-    others[slots] = False
-    assert (flat[:, others] == 0).all()
-
-
-def test_write_kv_cache_casts_to_the_cache_dtype():
-    kv_cache = torch.zeros(2, 2, 4, 1, 8, dtype=torch.bfloat16)
-    k = torch.randn(3, 1, 8)
-    write_kv_cache_ref(k, -k, kv_cache[0], kv_cache[1], torch.tensor([1, 2, 7]))
-    torch.testing.assert_close(kv_cache[0].flatten(0, 1)[[1, 2, 7]], k.to(torch.bfloat16))

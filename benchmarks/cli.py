@@ -1,0 +1,20 @@
+"""`n4 bench ...` subcommands (registered by n4/cli.py). Imports stay lazy: `kernels` must set up the Triton
+interpreter before triton is imported when there is no GPU."""
+from __future__ import annotations
+
+
+def add_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    kernels = bench_sub.add_parser("kernels", help="each Triton kernel vs its reference and torch built-ins")
+    kernels.add_argument("--reduced", action="store_true",
+                         help="tiny shapes (the CPU/interpreter mode; the default without CUDA)")
+    kernels.add_argument("--only", default=None, help="comma-separated kernel names to run")
+    kernels.add_argument("--iters", type=int, default=None, help="timed iterations per measurement")
+    kernels.add_argument("--json", default=None, help="write the rows here too")
+    kernels.set_defaults(func=_run_kernels)
+
+
+def _run_kernels(args) -> None:
+    from benchmarks.kernels import main
+    main(reduced=args.reduced, only=args.only, iters=args.iters, json_path=args.json)

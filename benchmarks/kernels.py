@@ -1,0 +1,289 @@
+"""`n4 bench kernels`: every Triton kernel beside its plain-torch reference and torch's built-ins
+(`scaled_dot_product_attention`, `torch._scaled_mm`), on the 15B and 340B-TP8 shapes, with TFLOP/s, GB/s and
+the fraction of the roofline (benchmarks/roofline.py) each reaches.
+
+Without CUDA it runs a reduced set of tiny shapes under the Triton interpreter: that checks the harness and
+the kernels' launch paths, and its timings mean nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from benchmarks.roofline import fraction, for_device
+
+FP8 = torch.float8_e4m3fn
+
+
+@dataclass
+class Case:
+    kernel: str
+    shape: str
+    flops: float
+    bytes_moved: float
+    fp8: bool
+    candidates: dict[str, Callable[[], object]]   # name -> zero-argument call; "triton" is ours
+    baseline: str = "ref"
+
+
+@dataclass
+class Row:
+    kernel: str
+    shape: str
+    impl: str
+    ms: float
+    tflops: float
+    gbps: float
+    roofline_fraction: float
+    vs_baseline: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _time(fn: Callable, iters: int, cuda: bool) -> float:
+    """Median seconds per call."""
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+# ---- shapes ---------------------------------------------------------------------------------------------------
+# (name, hidden, q heads, kv heads, head_dim, intermediate) per GPU: 15B whole, 340B one TP=8 rank.
+MODELS = {
+    "15b": dict(hidden=6144, heads=48, kv_heads=8, head_dim=128, inter=24576, o_in=6144),
+    "340b-tp8": dict(hidden=18432, heads=12, kv_heads=1, head_dim=192, inter=9216, o_in=2304),
+}
+REDUCED = {"tiny": dict(hidden=256, heads=6, kv_heads=1, head_dim=64, inter=512, o_in=384)}
+
+
+def _fp8(shape, device, scale=0.05):
+    return (torch.randn(shape, device=device) * scale / 0.05).clamp(-448, 448).to(FP8)
+
+
+def gemm_cases(model: str, m_values, device) -> list[Case]:
+    from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+    c = (MODELS | REDUCED)[model]
+    projections = {"qkv": ((c["heads"] + 2 * c["kv_heads"]) * c["head_dim"], c["hidden"]),
+                   "o": (c["hidden"], c["o_in"]), "up": (c["inter"], c["hidden"]), "down": (c["hidden"], c["inter"])}
+    cases = []
+    for proj, (n, k) in projections.items():
+        b = _fp8((n, k), device)
+        b_scale = torch.rand(n, device=device) * 0.01 + 0.001          # per output channel
+        for m in m_values:
+            a = _fp8((m, k), device)
+            a_scale = torch.rand(m, device=device) * 0.01 + 0.001      # per token (dynamic)
+            candidates = {
+                "triton": lambda a=a, b=b, sa=a_scale, sb=b_scale: fp8_gemm(a, b, sa, sb, torch.bfloat16),
+                "ref": lambda a=a, b=b, sa=a_scale, sb=b_scale: fp8_gemm_ref(a, b, sa, sb, torch.bfloat16),
+                "torch._scaled_mm": lambda a=a, b=b, sa=a_scale, sb=b_scale: torch._scaled_mm(
+                    a, b.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16),
+            }
+            cases.append(Case("fp8_gemm", f"{model} {proj} M={m} N={n} K={k}", 2.0 * m * n * k,
+                              m * k + n * k + 2 * m * n + 4 * (m + n), True, candidates, "torch._scaled_mm"))
+    return cases
+
+
+def _paged_kv(batch: int, ctx: int, kv_heads: int, head_dim: int, block: int, dtype, device):
+    blocks_per_seq = -(-ctx // block)
+    num_blocks = batch * blocks_per_seq
+    k_cache = torch.randn(num_blocks, block, kv_heads, head_dim, device=device).to(dtype)
+    v_cache = torch.randn(num_blocks, block, kv_heads, head_dim, device=device).to(dtype)
+    tables = torch.randperm(num_blocks, device=device, dtype=torch.int64).to(torch.int32).view(batch, blocks_per_seq)
+    return k_cache, v_cache, tables
+
+
+def decode_cases(model: str, batches, ctx: int, device) -> list[Case]:
+    from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+    c = (MODELS | REDUCED)[model]
+    h, hk, d = c["heads"], c["kv_heads"], c["head_dim"]
+    cases = []
+    for kv_dtype in (torch.bfloat16, FP8):
+        for b in batches:
+            k_cache, v_cache, tables = _paged_kv(b, ctx, hk, d, 16, kv_dtype, device)
+            q = torch.randn(b, h, d, device=device, dtype=torch.bfloat16)
+            seq_lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
+            ks = vs = 0.05 if kv_dtype == FP8 else 1.0
+            args = (q, k_cache, v_cache, seq_lens, tables, ctx, d ** -0.5)
+            candidates = {
+                "triton": lambda args=args, ks=ks, vs=vs: paged_decode_attention(*args, k_scale=ks, v_scale=vs),
+                "ref": lambda args=args, ks=ks, vs=vs: paged_decode_attention_ref(*args, k_scale=ks, v_scale=vs),
+            }
+            if kv_dtype != FP8:  # SDPA on dense (already gathered) K/V: the contiguous-memory lower bound
+                kd = torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16)
+                vd = torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16)
+                qd = q.view(b, h, 1, d)
+                candidates["sdpa"] = lambda qd=qd, kd=kd, vd=vd: torch.nn.functional.scaled_dot_product_attention(
+                    qd, kd, vd, enable_gqa=True)
+            kv_bytes = 2 * b * ctx * hk * d * kv_dtype.itemsize
+            name = "fp8" if kv_dtype == FP8 else "bf16"
+            cases.append(Case("decode_attention", f"{model} B={b} ctx={ctx} kv={name}", 4.0 * b * h * ctx * d,
+                              kv_bytes + 4 * b * h * d, False, candidates, "sdpa" if "sdpa" in candidates else "ref"))
+    return cases
+
+
+def prefill_cases(model: str, seqs: int, seq_len: int, device) -> list[Case]:
+    from kernels.paged_attention import paged_attention_ref, paged_prefill_attention
+    c = (MODELS | REDUCED)[model]
+    h, hk, d = c["heads"], c["kv_heads"], c["head_dim"]
+    k_cache, v_cache, tables = _paged_kv(seqs, seq_len, hk, d, 16, torch.bfloat16, device)
+    t = seqs * seq_len
+    q = torch.randn(t, h, d, device=device, dtype=torch.bfloat16)
+    qsl = torch.arange(0, t + 1, seq_len, dtype=torch.int32, device=device)
+    seq_lens = torch.full((seqs,), seq_len, dtype=torch.int32, device=device)
+    args = (q, k_cache, v_cache, qsl, seq_lens, tables, seq_len, seq_len, d ** -0.5)
+    qd = torch.randn(seqs, h, seq_len, d, device=device, dtype=torch.bfloat16)
+    kd = torch.randn(seqs, hk, seq_len, d, device=device, dtype=torch.bfloat16)
+    vd = torch.randn(seqs, hk, seq_len, d, device=device, dtype=torch.bfloat16)
+    candidates = {
+        "triton": lambda: paged_prefill_attention(*args),
+        "ref": lambda: paged_attention_ref(*args),
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True,
+                                                                         enable_gqa=True),
+    }
+    flops = 4.0 * seqs * h * d * seq_len * (seq_len + 1) / 2   # causal: half the score matrix
+    bytes_moved = 2 * (2 * t * h * d + 2 * t * hk * d)
+    return [Case("prefill_attention", f"{model} {seqs}x{seq_len} bf16", flops, bytes_moved, False, candidates,
+                 "sdpa")]
+
+
+def mlp_cases(model: str, m_values, device) -> list[Case]:
+    from kernels.fp8_gemm import fp8_gemm
+    from kernels.fp8_quant import quantize_fp8_per_token
+    from kernels.mlp import squared_relu_mlp_fp8, squared_relu_mlp_fp8_ref
+    c = (MODELS | REDUCED)[model]
+    hid, inter = c["hidden"], c["inter"]
+    up, down = _fp8((inter, hid), device), _fp8((hid, inter), device)
+    up_s, down_s = torch.rand(inter, device=device) * 0.01 + 1e-3, torch.rand(hid, device=device) * 0.01 + 1e-3
+    cases = []
+    for m in m_values:
+        x = _fp8((m, hid), device)
+        xs = torch.rand(m, device=device) * 0.01 + 1e-3
+
+        def separate(x=x, xs=xs):
+            h = fp8_gemm(x, up, xs, up_s, torch.bfloat16)
+            h = torch.relu(h).square()
+            hq, hs = quantize_fp8_per_token(h)
+            return fp8_gemm(hq, down, hs, down_s, torch.bfloat16)
+
+        candidates = {
+            "triton": lambda x=x, xs=xs: squared_relu_mlp_fp8(x, xs, up, up_s, down, down_s, torch.bfloat16),
+            "ref": lambda x=x, xs=xs: squared_relu_mlp_fp8_ref(x, xs, up, up_s, down, down_s, torch.bfloat16),
+            "separate": separate,
+        }
+        cases.append(Case("squared_relu_mlp_fp8", f"{model} M={m} H={hid} I={inter}", 4.0 * m * hid * inter,
+                          2 * hid * inter + m * hid * 3 + m * inter * 2, True, candidates, "separate"))
+    return cases
+
+
+def norm_rope_cases(model: str, t_values, device) -> list[Case]:
+    from kernels.layernorm import layernorm1p, layernorm1p_fp8, layernorm1p_ref
+    from kernels.rope_kv_cache import rope_kv_write, rope_kv_write_ref
+    c = (MODELS | REDUCED)[model]
+    hid, h, hk, d = c["hidden"], c["heads"], c["kv_heads"], c["head_dim"]
+    w, b = torch.randn(hid, device=device, dtype=torch.bfloat16), torch.randn(hid, device=device, dtype=torch.bfloat16)
+    rot = d // 2
+    pos_table = torch.arange(4096, device=device, dtype=torch.float32)[:, None]
+    inv = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=device, dtype=torch.float32) / rot)
+    cos, sin = (pos_table * inv).cos(), (pos_table * inv).sin()
+    cases = []
+    for t in t_values:
+        x = torch.randn(t, hid, device=device, dtype=torch.bfloat16)
+        cases.append(Case("layernorm1p", f"{model} T={t} H={hid}", 8.0 * t * hid, 4 * t * hid + 4 * hid, False,
+                          {"triton": lambda x=x: layernorm1p(x, w, b, 1e-5),
+                           "ref": lambda x=x: layernorm1p_ref(x, w, b, 1e-5),
+                           "torch.layer_norm": lambda x=x: torch.nn.functional.layer_norm(x, (hid,), w + 1, b, 1e-5)}))
+        cases.append(Case("layernorm1p_fp8", f"{model} T={t} H={hid}", 10.0 * t * hid, 3 * t * hid + 4 * hid, False,
+                          {"triton": lambda x=x: layernorm1p_fp8(x, w, b, 1e-5),
+                           "ref": lambda x=x: layernorm1p_ref(x, w, b, 1e-5)}))
+        q = torch.randn(t, h, d, device=device, dtype=torch.bfloat16)
+        k = torch.randn(t, hk, d, device=device, dtype=torch.bfloat16)
+        v = torch.randn(t, hk, d, device=device, dtype=torch.bfloat16)
+        k_cache, v_cache, _ = _paged_kv(1, t, hk, d, 16, torch.bfloat16, device)
+        positions = torch.arange(t, device=device) % 4096
+        slots = torch.randperm(k_cache.shape[0] * 16, device=device)[:t]
+        args = (q, k, v, positions, cos, sin, k_cache, v_cache, slots)
+        cases.append(Case("rope_kv_write", f"{model} T={t}", 6.0 * t * (h + hk) * rot,
+                          2 * t * (2 * h * d + 4 * hk * d), False,
+                          {"triton": lambda args=args: rope_kv_write(*args), "ref": lambda args=args: rope_kv_write_ref(*args)}))
+    return cases
+
+
+def build_cases(reduced: bool, device) -> list[Case]:
+    if reduced:
+        return (gemm_cases("tiny", [1, 17], device) + decode_cases("tiny", [2], 64, device)
+                + prefill_cases("tiny", 2, 32, device) + mlp_cases("tiny", [1, 17], device)
+                + norm_rope_cases("tiny", [1, 17], device))
+    cases: list[Case] = []
+    for model in MODELS:
+        cases += gemm_cases(model, [1, 16, 64, 256, 1024, 4096, 8192], device)
+        cases += decode_cases(model, [1, 16, 64], 4096, device)
+        cases += prefill_cases(model, 1, 4096, device) + prefill_cases(model, 4, 1024, device)
+        cases += mlp_cases(model, [1, 64, 1024, 8192], device)
+        cases += norm_rope_cases(model, [1, 64, 8192], device)
+    return cases
+
+
+def run(cases: list[Case], iters: int, cuda: bool, roof) -> list[Row]:
+    rows = []
+    for case in cases:
+        timings = {}
+        for impl, fn in case.candidates.items():
+            try:
+                timings[impl] = _time(fn, iters, cuda)
+            except (RuntimeError, ValueError, NotImplementedError) as e:   # e.g. a _scaled_mm scale layout
+                rows.append(Row(case.kernel, case.shape, impl, math.nan, math.nan, math.nan, math.nan,
+                                notes=[f"unavailable: {str(e).splitlines()[0][:120]}"]))
+        base = timings.get(case.baseline)
+        for impl, seconds in timings.items():
+            rows.append(Row(case.kernel, case.shape, impl, seconds * 1e3, case.flops / seconds / 1e12,
+                            case.bytes_moved / seconds / 1e9,
+                            fraction(roof, seconds, case.flops, case.bytes_moved, case.fp8),
+                            vs_baseline=(base / seconds) if base else None))
+    return rows
+
+
+def main(reduced: bool = False, only: str | None = None, iters: int | None = None, json_path: str | None = None):
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        reduced = True
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter: timings are not meaningful)"
+    roof = for_device(name)
+    cases = build_cases(reduced, device)
+    if only:
+        wanted = set(only.split(","))
+        cases = [c for c in cases if c.kernel in wanted]
+    rows = run(cases, iters or (50 if cuda else 2), cuda, roof)
+    print(f"device: {name}; roofline: {roof.source}")
+    print(f"{'kernel':22} {'shape':44} {'impl':18} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'roof':>6} {'x base':>7}")
+    for r in rows:
+        ratio = f"{r.vs_baseline:7.2f}" if r.vs_baseline else "      -"
+        print(f"{r.kernel:22} {r.shape:44} {r.impl:18} {r.ms:9.4f} {r.tflops:8.2f} {r.gbps:8.1f} "
+              f"{r.roofline_fraction:6.1%} {ratio}" + (f"  {'; '.join(r.notes)}" if r.notes else ""))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"device": name, "roofline": asdict(roof), "reduced": reduced,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return rows

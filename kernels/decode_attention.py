@@ -1,0 +1,307 @@
+"""Paged GQA attention for decode steps: one new query token per sequence (flash-decoding).
+
+Semantics (`paged_decode_attention_ref` is the specification):
+
+- q [B, Hq, D] holds one query per sequence, at position seq_lens[b] - 1. It attends keys 0..seq_lens[b] - 1 of its
+  own sequence; its own K/V are already in the cache (the caller writes them first).
+- Token i of sequence b lives at cache slot block_tables[b, i // BS] * BS + i % BS of k_cache/v_cache
+  [NB, BS, Hkv, D].
+- GQA: query head h reads KV head h // (Hq // Hkv).
+- The cache is dequantized as stored.float() * k_scale (keys) and stored.float() * v_scale (values). FP8 E4M3
+  caches (torch.float8_e4m3fn) carry the per-tensor scales of the checkpoint; other caches normally keep 1.0.
+- Scores, softmax and the weighted sum of V are computed in fp32; the output has q's dtype.
+- A sequence with seq_lens[b] == 0 (a padding row) yields zeros rather than NaN.
+- Cache slots that no valid key maps to may hold anything, NaN included; they never reach the output.
+
+It is a decode-only special case of `kernels.paged_attention.paged_attention_ref` with query_start_loc = arange(B+1).
+
+Kernel: two stages.
+1. `_paged_decode_attention_kernel`, grid (B, Hkv, num_splits). A program owns one sequence, one KV head and one
+   contiguous slice ("split") of the context. The G = Hq // Hkv query heads sharing that KV head are the M rows of
+   both tl.dot calls (padded to BLOCK_G >= 16 rows with masks), so each K/V tile is read from HBM once per group,
+   not once per query head. Tiles of BLOCK_N tokens (a multiple of the cache block size, so a tile is whole cache
+   blocks) are gathered through the block table; the softmax is online, in fp32, in base 2. The program writes its
+   partial (running max, running sum, unnormalized accumulator) to fp32 scratch; with a single split it writes the
+   normalized output directly and stage 2 is skipped.
+2. `_decode_reduce_kernel`, grid (B, Hq), merges the splits of one (sequence, head) with log-sum-exp rescaling.
+   A split that holds no token of its sequence (short sequences in a long batch) has max -inf and sum 0 and gets
+   weight exactly 0.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# SMs of an H100 SXM / H200; used when no CUDA device can be asked (the interpreter), so the split rule is the same.
+_DEFAULT_SM_COUNT = 132
+# Splits target two resident programs per SM: one program streaming K/V per SM leaves HBM bandwidth unused.
+_PROGRAMS_PER_SM = 2
+# A split below ~256 tokens spends too much of its time on the fixed cost per program (loading q, writing a partial
+# of G * D fp32 that stage 2 reads back, filling the load pipeline) next to its K/V bytes (D=128 BF16: 128 KiB).
+_MIN_SPLIT_TOKENS = 256
+# Tokens per K/V tile: the tile (BLOCK_N x BLOCK_D) is capped at 8192 elements, 16 KiB per operand in 16-bit types,
+# which keeps K, V, q and the accumulator in registers at 4 warps for every head_dim up to 256.
+_TILE_ELEMENTS = 8192
+_MAX_HEAD_DIM = 256
+_QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int, scale: float,
+                               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """q [B, Hq, D]; k_cache, v_cache [NB, BS, Hkv, D]; seq_lens [B] int32; block_tables [B, MB] int32
+    -> out [B, Hq, D] in q's dtype.
+
+    Vectorized over the batch: gather every sequence's first max_seq_len slots into [B, S, Hkv, D], mask the
+    positions at or beyond seq_lens[b], and attend in fp32.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads  # query heads per KV head
+    pos = torch.arange(max_seq_len, device=q.device)                         # [S]
+    slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size  # [B, S]
+    valid = pos[None, :] < seq_lens.long()[:, None]                          # [B, S]
+
+    flat_k = k_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)  # [NB * BS, Hkv, D]
+    flat_v = v_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)  # [NB * BS, Hkv, D]
+    k = flat_k[slots].float() * k_scale                                      # [B, S, Hkv, D] fp32
+    v = flat_v[slots].float() * v_scale                                      # [B, S, Hkv, D] fp32
+    # Zero V outside each sequence: garbage there (even NaN) must not leak through a probability of 0.
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)
+
+    qg = q.float().reshape(num_seqs, num_kv_heads, group, head_dim)          # [B, Hkv, G, D] fp32
+    scores = torch.einsum("bhgd,bshd->bhgs", qg, k) * scale                  # [B, Hkv, G, S] fp32
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)                                    # [B, Hkv, G, S] fp32
+    # A sequence of length 0 has no key at all: its softmax row is NaN; define its output as 0.
+    probs = probs.masked_fill((seq_lens <= 0).view(num_seqs, 1, 1, 1), 0.0)
+    out = torch.einsum("bhgs,bshd->bhgd", probs, v)                          # [B, Hkv, G, D] fp32
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)            # [B, Hq, D]
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot(a, b, acc). UPCAST is set only under the CPU interpreter for bf16 operands: its tl.dot multiplies the
+    raw uint16 storage of bf16 (Triton 3.9). bf16 -> fp32 is exact and so are bf16 products in fp32, so feeding
+    fp32 copies computes what the tensor cores do, up to summation order."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _paged_decode_attention_kernel(
+        q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_tables_ptr,
+        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+        qk_scale, v_scale, tokens_per_split,
+        stride_qb, stride_qh, stride_qd,
+        stride_kb, stride_kt, stride_kh, stride_kd,
+        stride_vb, stride_vt, stride_vh, stride_vd,
+        stride_tb, stride_tn,
+        stride_ob, stride_oh, stride_od,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)  # start >= end: an empty split, the loop does not run
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM  # BLOCK_D is HEAD_DIM rounded up to a power of two (192 -> 256)
+    heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of this KV head; rows >= GROUP are padding
+
+    seq64 = seq.to(tl.int64)
+    q_ptrs = q_ptr + seq64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the log2-scaled scores
+    l_i = tl.zeros([BLOCK_G], tl.float32)                 # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)        # running sum of p @ V (unnormalized)
+
+    table_row = block_tables_ptr + seq64 * stride_tb
+    k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
+    for tile_start in range(start, end, BLOCK_N):
+        tok = tile_start + offs_n                          # [BLOCK_N] positions in the sequence
+        tok_mask = tok < end
+        # Masked lanes read block id 0 and then nothing: every K/V load below carries tok_mask.
+        block = tl.load(table_row + (tok // CACHE_BLOCK) * stride_tn, mask=tok_mask, other=0).to(tl.int64)
+        slot_k = block * stride_kb + (tok % CACHE_BLOCK) * stride_kt  # [BLOCK_N] int64
+        slot_v = block * stride_vb + (tok % CACHE_BLOCK) * stride_vt  # [BLOCK_N] int64
+        kv_mask = tok_mask[:, None] & d_mask[None, :]
+
+        k = tl.load(k_head + slot_k[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        # FP8 E4M3 converts exactly to bf16/fp16/fp32, so the dot sees the stored values; k_scale is in qk_scale.
+        s = _mma(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), DOT_PRECISION, DOT_UPCAST)
+        s = tl.where(tok_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N] fp32, log2 units
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one valid token
+        alpha = tl.exp2(m_i - m_new)           # 0 on the first tile (m_i = -inf)
+        p = tl.exp2(s - m_new[:, None])        # [BLOCK_G, BLOCK_N]; 0 on masked tokens
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(v_head + slot_v[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = _mma(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], DOT_PRECISION, DOT_UPCAST)
+        m_i = m_new
+
+    acc = acc * v_scale
+    row_mask = g_mask[:, None] & d_mask[None, :]
+    if SINGLE_SPLIT:
+        # The only split holds the whole sequence: normalize here and skip stage 2.
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # seq_len 0: acc is 0 and so is the output
+        out_ptrs = out_ptr + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        # Scratch is contiguous: max/sum [B, Hq, num_splits], acc [B, Hq, num_splits, HEAD_DIM].
+        rows = (seq64 * num_heads + heads) * num_splits + split  # [BLOCK_G] int64
+        tl.store(part_max_ptr + rows, m_i, mask=g_mask)
+        tl.store(part_sum_ptr + rows, l_i, mask=g_mask)
+        tl.store(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_splits,
+                          stride_ob, stride_oh, stride_od,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    first = (seq.to(tl.int64) * num_heads + head) * num_splits  # row of split 0 of this (sequence, head)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < num_splits
+    m = tl.load(part_max_ptr + first + offs_s, mask=s_mask, other=float("-inf"))  # [BLOCK_S]
+    l = tl.load(part_sum_ptr + first + offs_s, mask=s_mask, other=0.0)            # [BLOCK_S]
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty (seq_len 0): weights all 0
+    total = tl.sum(tl.exp2(m - m_max) * l, 0)             # empty splits: exp2(-inf) * 0 = 0
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for split in range(0, num_splits):
+        weight = tl.exp2(tl.load(part_max_ptr + first + split) - m_max)
+        acc += weight * tl.load(part_acc_ptr + (first + split) * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d * stride_od
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SM_COUNT
+
+
+def _auto_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Splits per sequence: enough (B * Hkv * splits) programs for _PROGRAMS_PER_SM per SM, but no split shorter than
+    _MIN_SPLIT_TOKENS. Big batches (B * Hkv >= 2 * SMs, e.g. 64 x 8 KV heads) get 1 split; 340B at TP8 (one KV head
+    per rank), batch 64, context 4096 gets 5; one 15B sequence of 4096 tokens gets 16."""
+    programs = num_seqs * num_kv_heads
+    wanted = -(-_PROGRAMS_PER_SM * _sm_count(device) // programs)
+    longest = -(-max_seq_len // _MIN_SPLIT_TOKENS)
+    return max(1, min(wanted, longest))
+
+
+def _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, num_splits) -> None:
+    name = "paged_decode_attention"
+    if q.dim() != 3:
+        raise ValueError(f"{name}: q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{name}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
+                         f"[num_blocks, block_size, Hkv, D]")
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim:
+        raise ValueError(f"{name}: q head_dim {head_dim} != cache head_dim {cache_dim}")
+    if not 1 <= head_dim <= _MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head_dim {head_dim} not supported (1..{_MAX_HEAD_DIM})")
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"{name}: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if block_size < 1 or block_size & (block_size - 1) or block_size > _TILE_ELEMENTS // 64:
+        raise ValueError(f"{name}: block_size {block_size} must be a power of two <= {_TILE_ELEMENTS // 64}")
+    if q.dtype not in _QUERY_DTYPES:
+        raise ValueError(f"{name}: q dtype {q.dtype} not supported ({', '.join(map(str, _QUERY_DTYPES))})")
+    if v_cache.dtype != k_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"{name}: k_cache/v_cache dtypes {k_cache.dtype}/{v_cache.dtype} must both be q's dtype "
+                         f"({q.dtype}) or torch.float8_e4m3fn")
+    if seq_lens.shape != (num_seqs,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"{name}: seq_lens must be int32 [{num_seqs}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or block_tables.dtype != torch.int32:
+        raise ValueError(f"{name}: block_tables must be int32 [{num_seqs}, max_blocks], got {block_tables.dtype} "
+                         f"{tuple(block_tables.shape)}")
+    if max_seq_len < 0 or block_tables.shape[1] * block_size < max_seq_len:
+        raise ValueError(f"{name}: max_seq_len {max_seq_len} must be >= 0 and fit the block table "
+                         f"({block_tables.shape[1]} blocks of {block_size})")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"{name}: num_splits must be >= 1 or None, got {num_splits}")
+    devices = {t.device for t in (q, k_cache, v_cache, seq_lens, block_tables)}
+    if len(devices) != 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int, scale: float,
+                           k_scale: float = 1.0, v_scale: float = 1.0,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """Same contract as `paged_decode_attention_ref`; seq_lens[b] must not exceed max_seq_len.
+
+    num_splits: context splits per sequence; None picks them from the batch shape (see `_auto_num_splits`), which
+    reads no device memory, so the launch stays CUDA-graph capturable for a fixed (B, max_seq_len).
+    """
+    _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, num_splits)
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Hq, D]
+    if num_seqs == 0 or num_heads == 0:
+        return out
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = max(block_size, _TILE_ELEMENTS // block_d)  # 64 for D <= 128, 32 for D = 192 / 256
+    auto = num_splits is None
+    if auto:
+        num_splits = _auto_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device)
+    # Splits are whole tiles, hence whole cache blocks. Rounding up can leave trailing splits that no sequence
+    # reaches: an auto count drops them; a forced count keeps them (they run empty and get weight 0).
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+    if auto:
+        num_splits = max(1, triton.cdiv(max_seq_len, tokens_per_split))
+
+    single = num_splits == 1
+    part_shape = (num_seqs, num_heads, num_splits)
+    part_max = torch.empty(part_shape if not single else (1,), dtype=torch.float32, device=q.device)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty(part_shape + (head_dim,) if not single else (1,), dtype=torch.float32, device=q.device)
+
+    _paged_decode_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables,
+        out, part_acc, part_max, part_sum,
+        float(scale) * float(k_scale) * math.log2(math.e), float(v_scale), tokens_per_split,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
+        GROUP=group, HEAD_DIM=head_dim, CACHE_BLOCK=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, SINGLE_SPLIT=single,
+        num_warps=4, num_stages=2)
+    if not single:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_acc, part_max, part_sum, out, num_splits, *out.stride(),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4, num_stages=1)
+    return out
