@@ -196,7 +196,7 @@ def mlp_cases(model: str, m_values, device) -> list[Case]:
 
 
 def norm_rope_cases(model: str, t_values, device) -> list[Case]:
-    from kernels.layernorm import layernorm1p, layernorm1p_fp8, layernorm1p_ref
+    from kernels.layernorm import layernorm1p, layernorm1p_fp8, layernorm1p_fp8_ref, layernorm1p_ref
     from kernels.rope_kv_cache import rope_kv_write, rope_kv_write_ref
     c = (MODELS | REDUCED)[model]
     hid, h, hk, d = c["hidden"], c["heads"], c["kv_heads"], c["head_dim"]
@@ -214,7 +214,7 @@ def norm_rope_cases(model: str, t_values, device) -> list[Case]:
                            "torch.layer_norm": lambda x=x: torch.nn.functional.layer_norm(x, (hid,), w + 1, b, 1e-5)}))
         cases.append(Case("layernorm1p_fp8", f"{model} T={t} H={hid}", 10.0 * t * hid, 3 * t * hid + 4 * hid, False,
                           {"triton": lambda x=x: layernorm1p_fp8(x, w, b, 1e-5),
-                           "ref": lambda x=x: layernorm1p_ref(x, w, b, 1e-5)}))
+                           "ref": lambda x=x: layernorm1p_fp8_ref(x, w, b, 1e-5)}))
         q = torch.randn(t, h, d, device=device, dtype=torch.bfloat16)
         k = torch.randn(t, hk, d, device=device, dtype=torch.bfloat16)
         v = torch.randn(t, hk, d, device=device, dtype=torch.bfloat16)
@@ -262,6 +262,11 @@ def run(cases: list[Case], iters: int, cuda: bool, roof) -> list[Row]:
     return rows
 
 
+def _finite(row: dict) -> dict:
+    """JSON has no NaN: an unavailable measurement is null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
 def main(reduced: bool = False, only: str | None = None, iters: int | None = None, json_path: str | None = None):
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -285,5 +290,5 @@ def main(reduced: bool = False, only: str | None = None, iters: int | None = Non
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": name, "roofline": asdict(roof), "reduced": reduced,
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+                       "rows": [_finite(asdict(r)) for r in rows]}, f, indent=1)
     return rows

@@ -1,0 +1,27 @@
+"""The prepared GPU script's code path, run in its CPU smoke mode: every step completes and the JSON holds the
+figures (so the few minutes of a lent GPU are not lost to a bug in the script)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--output", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    for step in ("correctness", "kernels", "model_tiny"):
+        assert "error" not in report[step], report[step]
+    assert report["kernels"]["rows"]
+    decode = report["model_tiny"]["decode"]
+    assert [d["batch"] for d in decode] == [1, 4] and all(d["output_tokens_per_s"] > 0 for d in decode)
+    assert report["model_tiny"]["ttft"]["prompt_tokens"] == 32
