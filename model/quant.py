@@ -43,3 +43,35 @@ class UnquantizedLinearMethod(LinearMethod):
     def squared_relu_mlp(self, up: nn.Module, down: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
         # The backend's MLP: a Triton GEMM with relu(.)**2 applied on the fp32 accumulator, or its reference.
         return ops.squared_relu_mlp(x, up.weight, down.weight)  # [T, hidden]
+
+
+# ---- The FP8 checkpoint format (defined here once; `n4 quantize` writes it, the loader reads it) ------------
+#
+# HF `config.json` carries `quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic" |
+# "static", "ignored_layers": [...]}` (vLLM's reading). Per quantized linear layer `X`:
+#   X.weight        float8_e4m3fn [out, in]
+#   X.weight_scale  float32, [] (per tensor) or [out, 1] (per output channel)
+#   X.input_scale   float32 [] (static activations only)
+# per attention layer, for an FP8 KV cache: `self_attn.k_scale`, `self_attn.v_scale` float32 [].
+# Dequantized = fp8.float() * scale, with scale = max(amax, SCALE_EPS) / 448.
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SCALE_EPS = 1e-12   # an all-zero tensor gets a tiny positive scale, never 0 (which would make 0/0 on load)
+QUANT_METHOD = "fp8"
+WEIGHT_SCALE, INPUT_SCALE, K_SCALE, V_SCALE = "weight_scale", "input_scale", "k_scale", "v_scale"
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The E4M3 scale for values of magnitude up to `amax` (fp32)."""
+    return amax.float().clamp(min=SCALE_EPS) / FP8_MAX
+
+
+def quantize_weight_fp8(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (E4M3 [out, in], fp32 scale [] or [out, 1]): q = e4m3(clamp(w / scale, +-448)),
+    rounded to nearest even by torch's cast. Division (not a reciprocal multiply) so that any implementation
+    that states the formula reproduces it bit for bit."""
+    w = weight.float()                                                              # [out, in]
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()     # [out, 1] or []
+    scale = fp8_scale(amax)
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
