@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_utils import interpreting, mma
+
 # SMs of an H100 SXM / H200; used when no CUDA device can be asked (the interpreter), so the split rule is the same.
 _DEFAULT_SM_COUNT = 132
 # Splits target two resident programs per SM: one program streaming K/V per SM leaves HBM bandwidth unused.
@@ -81,17 +83,6 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     probs = probs.masked_fill((seq_lens <= 0).view(num_seqs, 1, 1, 1), 0.0)
     out = torch.einsum("bhgs,bshd->bhgd", probs, v)                          # [B, Hkv, G, D] fp32
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)            # [B, Hq, D]
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot(a, b, acc). UPCAST is set only under the CPU interpreter for bf16 operands: its tl.dot multiplies the
-    raw uint16 storage of bf16 (Triton 3.9). bf16 -> fp32 is exact and so are bf16 products in fp32, so feeding
-    fp32 copies computes what the tensor cores do, up to summation order."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -146,7 +137,7 @@ def _paged_decode_attention_kernel(
 
         k = tl.load(k_head + slot_k[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         # FP8 E4M3 converts exactly to bf16/fp16/fp32, so the dot sees the stored values; k_scale is in qk_scale.
-        s = _mma(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), DOT_PRECISION, DOT_UPCAST)
+        s = mma(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), DOT_UPCAST, DOT_PRECISION)
         s = tl.where(tok_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N] fp32, log2 units
 
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one valid token
@@ -155,7 +146,7 @@ def _paged_decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
 
         v = tl.load(v_head + slot_v[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc = _mma(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], DOT_PRECISION, DOT_UPCAST)
+        acc = mma(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], DOT_UPCAST, DOT_PRECISION)
         m_i = m_new
 
     acc = acc * v_scale
@@ -297,7 +288,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, HEAD_DIM=head_dim, CACHE_BLOCK=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16, SINGLE_SPLIT=single,
+        DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16, SINGLE_SPLIT=single,
         num_warps=4, num_stages=2)
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](

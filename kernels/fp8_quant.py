@@ -11,7 +11,7 @@ Convention (REFERENCE.md, "FP8 formats"): dequantized = fp8.float() * scale.
 
 Why the kernels round by hand: Triton's interpreter (TRITON_INTERPRET=1, our CPU test path) casts fp32 -> fp8e4nv
 wrongly: it rounds ties away from zero and drops the carry when the mantissa rounds up (7.8 -> 4.0 instead of 8.0;
-about 2.5% of random values came out wrong). `_round_to_e4m3` rounds in fp32 onto the E4M3 grid with one
+about 2.5% of random values came out wrong). `round_to_e4m3` (kernels/triton_utils.py) rounds in fp32 onto the E4M3 grid with one
 magic-number add (IEEE round-to-nearest-even does the work), after which the cast is exact on every backend; on a
 GPU it costs ~8 integer/fp ops per element in a memory-bound kernel. Kernel outputs are therefore tested
 *bytewise* against the references, which use torch's own cast.
@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_utils import round_to_e4m3
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 EPS = 1e-12
@@ -36,26 +38,10 @@ _FLAT_BLOCK = 4096      # elements per program for per-tensor quantization
 # ----------------------------------------------------------------------------------------------- Triton helpers
 
 @triton.jit
-def _round_to_e4m3(v):
-    """Round fp32 `v` (already clamped to [-448, 448]) to the nearest-even E4M3 value, returned as fp32.
-
-    For |v| in [2^e, 2^(e+1)) E4M3 keeps 3 mantissa bits, a spacing of 2^(e-3); below 2^-6 (subnormals) the spacing
-    stays 2^-9. Adding magic = 2^(max(e, -6) + 20) puts the sum where fp32's own spacing is exactly that, so the fp32
-    add rounds to nearest-even onto the E4M3 grid; subtracting magic again is exact. The sign is put back by bits
-    (so -1e-9 gives -0, as torch's cast does)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    mag_bits = bits & 0x7FFFFFFF
-    biased_exp = tl.maximum((mag_bits >> 23).to(tl.int32), 127 - 6)
-    magic = ((biased_exp + 20) << 23).to(tl.float32, bitcast=True)
-    rounded = (mag_bits.to(tl.float32, bitcast=True) + magic) - magic
-    return (rounded.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _quantize_e4m3(v, inv_scale):
     """fp32 values times the (broadcastable) fp32 reciprocal scale -> float8e4nv, saturating at +-448."""
     y = tl.minimum(tl.maximum(v * inv_scale, -448.0), 448.0)
-    return _round_to_e4m3(y).to(tl.float8e4nv)
+    return round_to_e4m3(y).to(tl.float8e4nv)
 
 
 @triton.jit

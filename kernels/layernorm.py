@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_utils import interpreting, round_to_e4m3
+
 FP8_E4M3_MAX = 448.0
 FP8_AMAX_EPS = 1e-12
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,7 +45,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ROW_BLOCK = 8192
 # Chunk of the multi-pass path: 8 warps x 32 threads x 8 values (16-byte bf16 loads); 18432 = 9 chunks exactly.
 _CHUNK = 2048
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 def _normalize_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,21 +85,6 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
                          f"{bias.dtype}")
     if hidden == 0 or len({x.device, weight.device, bias.device}) != 1:
         raise ValueError("layernorm1p: H must be > 0 and x/weight/bias on one device")
-
-
-@triton.jit
-def _round_to_e4m3_grid(x):
-    """fp32 x with |x| <= 448 -> the nearest E4M3 value (ties to even), still fp32, so that the cast is exact.
-
-    E4M3 steps are 2^(e-3) in [2^e, 2^(e+1)) and 2^-9 below 2^-6. Adding M = step * 2^23 lands in [M, 2M), where
-    fp32's step is exactly `step`, so the fp32 add itself rounds |x| to the grid (ties to even, carry included);
-    subtracting M is exact. Interpreter-only (module docstring).
-    """
-    bits = x.to(tl.int32, bitcast=True)
-    biased_exp = tl.maximum((bits >> 23) & 0xFF, 127 - 6)
-    magic = ((biased_exp + 20) << 23).to(tl.float32, bitcast=True)
-    rounded = (tl.abs(x) + magic) - magic
-    return tl.where(bits < 0, -rounded, rounded)
 
 
 @triton.jit
@@ -144,7 +130,7 @@ def _stats_chunked(x_row, H, eps, BLOCK: tl.constexpr):
 def _quantize_store(ptrs, y, mask, inv_scale, SOFT_E4M3: tl.constexpr):
     q = tl.minimum(tl.maximum(y * inv_scale, -448.0), 448.0)
     if SOFT_E4M3:
-        q = _round_to_e4m3_grid(q)
+        q = round_to_e4m3(q)
     tl.store(ptrs, q.to(tl.float8e4nv), mask=mask)
 
 
@@ -247,5 +233,5 @@ def layernorm1p_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     block, one_block, num_warps = _launch_config(hidden)
     _layernorm1p_fp8_kernel[(num_tokens,)](x, weight.contiguous(), bias.contiguous(), y, scale, x.stride(0),
                                            hidden, float(eps), BLOCK=block, ONE_BLOCK=one_block,
-                                           SOFT_E4M3=_INTERPRETED, num_warps=num_warps, enable_fp_fusion=True)
+                                           SOFT_E4M3=interpreting(), num_warps=num_warps, enable_fp_fusion=True)
     return y, scale

@@ -34,7 +34,6 @@ those flips.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -42,6 +41,7 @@ import triton.language as tl
 
 from kernels.fp8_gemm import (A_TOKEN, FP8_DTYPE, GROUP_K, OUT_DTYPES, GemmConfig, _fp8_dot_k_range,
                               _grouped_tile, fp8_gemm, fp8_gemm_ref, parse_scales)
+from kernels.triton_utils import interpreting
 from kernels.fp8_quant import EPS, FP8_MAX, _e4m3_ref, _quantize_e4m3, _scale_from_amax
 
 # Up-projection tiles per M bucket (sm_90). BF16: BLOCK_K 64 = 128 bytes per row; the big prefill tile is the usual
@@ -170,7 +170,7 @@ def squared_relu_mlp(x: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) 
     if M and inter:
         cfg = _bucket(_BF16_BUCKETS, M)
         # Exact either way: bf16 x bf16 products are exact in fp32, as on the tensor cores.
-        upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+        upcast = x.dtype == torch.bfloat16 and interpreting()
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(inter, cfg.block_n),)
         _up_squared_relu_kernel[grid](
             x, up_w, h, M, inter, H, x.stride(0), x.stride(1), up_w.stride(0), up_w.stride(1),

@@ -18,11 +18,12 @@ may hold anything, NaN included: they are masked out before they can reach the o
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton_utils import interpreting, mma
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -112,17 +113,6 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b in fp32. UPCAST is set only under TRITON_INTERPRET=1 with bf16 operands: the interpreter keeps
-    bf16 as raw uint16 bits and its tl.dot multiplies the bit patterns (triton-lang/triton#11584, not supported
-    upstream); the operands are already bf16-rounded, so the fp32 product is what a bf16 MMA computes. Compiled
-    kernels never take this branch."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt_row, stride_btn,
                     k_ptr, v_ptr, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -141,12 +131,12 @@ def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt
     # Masked-off slots read 0, never the cache: they may hold NaN (or belong to another sequence).
     k_a = tl.load(k_row[:, None] + offs_da[None, :] * stride_kd, mask=mask_a, other=0.0).to(q_a.dtype)
     s = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    s = _mma(q_a, tl.trans(k_a), s, UPCAST, DOT_PRECISION)                   # [BLOCK_R, BLOCK_N] fp32
+    s = mma(q_a, tl.trans(k_a), s, UPCAST, DOT_PRECISION)                   # [BLOCK_R, BLOCK_N] fp32
     if HAS_TAIL:
         offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
         mask_b = key_ok[:, None] & (offs_db[None, :] < HEAD_DIM)              # [BLOCK_N, BLOCK_DB]
         k_b = tl.load(k_row[:, None] + offs_db[None, :] * stride_kd, mask=mask_b, other=0.0).to(q_b.dtype)
-        s = _mma(q_b, tl.trans(k_b), s, UPCAST, DOT_PRECISION)
+        s = mma(q_b, tl.trans(k_b), s, UPCAST, DOT_PRECISION)
     s = s * qk_scale                                                          # log2-domain scores
     if CAUSAL_MASK:
         s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
@@ -158,11 +148,11 @@ def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt
 
     v_a = tl.load(v_row[:, None] + offs_da[None, :] * stride_vd, mask=mask_a, other=0.0).to(q_a.dtype)
     acc_a = acc_a * alpha[:, None]
-    acc_a = _mma(p.to(v_a.dtype), v_a, acc_a, UPCAST, DOT_PRECISION)          # [BLOCK_R, BLOCK_DA] fp32
+    acc_a = mma(p.to(v_a.dtype), v_a, acc_a, UPCAST, DOT_PRECISION)          # [BLOCK_R, BLOCK_DA] fp32
     if HAS_TAIL:
         v_b = tl.load(v_row[:, None] + offs_db[None, :] * stride_vd, mask=mask_b, other=0.0).to(q_b.dtype)
         acc_b = acc_b * alpha[:, None]
-        acc_b = _mma(p.to(v_b.dtype), v_b, acc_b, UPCAST, DOT_PRECISION)
+        acc_b = mma(p.to(v_b.dtype), v_b, acc_b, UPCAST, DOT_PRECISION)
     return acc_a, acc_b, m_new, l_i
 
 
@@ -253,10 +243,6 @@ _Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _split_head_dim(head_dim: int) -> tuple[int, int]:
     """(BLOCK_DA, BLOCK_DB): a power-of-two head part and a power-of-two tail (0: none), both >= 16 (tl.dot's K).
     64 -> (64, 0), 128 -> (128, 0), 192 -> (128, 64), 80 -> (64, 16), 72 -> (64, 16) with the tail masked."""
@@ -313,7 +299,7 @@ def _check_prefill_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_ta
                     ("seq_lens", seq_lens), ("block_tables", block_tables)):
         if t.device != q.device:
             raise ValueError(f"paged_prefill_attention: {name} is on {t.device}, q on {q.device}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError("paged_prefill_attention: a Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
                          "on the CPU use paged_attention_ref")
 
@@ -350,6 +336,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUP=group, TILE_M=tile_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DA=block_da, BLOCK_DB=max(block_db, 16),
         HAS_TAIL=block_db > 0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
+        UPCAST=q.dtype == torch.bfloat16 and interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_utils import interpreting, round_to_e4m3
+
 FP8_E4M3_MAX = 448.0
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CACHE_DTYPES = _FLOAT_DTYPES + (torch.float8_e4m3fn,)
@@ -47,7 +49,6 @@ _TILE_ELEMS = 2048
 # Below this many (token, head-split) programs the grid splits heads: ~4 CTAs per SM on a 132-SM H100.
 _TARGET_PROGRAMS = 512
 # Interpreted kernels round to the E4M3 grid in software (see the module docstring).
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 def _rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -132,29 +133,13 @@ def _check(q, k, v, positions, cos_cache, sin_cache, k_cache, v_cache, slot_mapp
 
 
 @triton.jit
-def _round_to_e4m3_grid(x):
-    """fp32 x with |x| <= 448 -> the nearest E4M3 value (ties to even), still fp32, so that the cast is exact.
-
-    For |x| in [2^e, 2^(e+1)) E4M3 keeps 3 mantissa bits: a step of 2^(e-3), and 2^-9 in the subnormal range
-    (e < -6). Adding M = step * 2^23 puts the sum in [M, 2M), where fp32's own step is exactly `step`, so the
-    fp32 add rounds |x| to the grid (ties to even, carries into the next power of two included); subtracting
-    M is exact. Only used when interpreted: the interpreter's own fp32 -> fp8 cast is wrong (module docstring).
-    """
-    bits = x.to(tl.int32, bitcast=True)
-    biased_exp = tl.maximum((bits >> 23) & 0xFF, 127 - 6)       # subnormals share 2^-6's step of 2^-9
-    magic = ((biased_exp + 20) << 23).to(tl.float32, bitcast=True)  # 2^(e + 20) = step * 2^23
-    rounded = (tl.abs(x) + magic) - magic
-    return tl.where(bits < 0, -rounded, rounded)                 # sign from the bits keeps -0.0
-
-
-@triton.jit
 def _store_converted(ptrs, x, mask, scale, FP8: tl.constexpr, SOFT_E4M3: tl.constexpr):
     """Store fp32 x at ptrs in their element type; an FP8 destination gets clamp(x / scale) as E4M3."""
     if FP8:
         x = tl.math.div_rn(x, scale)  # IEEE division: plain `/` may be approximate on NVIDIA
         x = tl.minimum(tl.maximum(x, -448.0), 448.0)
         if SOFT_E4M3:
-            x = _round_to_e4m3_grid(x)
+            x = round_to_e4m3(x)
     tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
@@ -241,5 +226,5 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_REST=triton.next_power_of_2(max(head_dim - 2 * half, 1)), BLOCK_D=block_d,
         BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn,
-        SOFT_E4M3=_INTERPRETED, num_warps=4, enable_fp_fusion=False)
+        SOFT_E4M3=interpreting(), num_warps=4, enable_fp_fusion=False)
     return q_rot
