@@ -4,7 +4,6 @@ modules run the plain-torch references or the Triton kernels; `transformers.Nemo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention_metadata import AttentionMetadata

@@ -69,7 +69,9 @@ class NemotronForCausalLM(nn.Module):
 
     def checkpoint_tensor_names(self) -> list[str]:
         """The HF tensor names a complete checkpoint of this model holds (q/k/v separately)."""
-        return [hf_name for param_name, _ in self.named_parameters() for hf_name in _hf_names(param_name)]
+        return [hf_name for param_name, param in self.named_parameters()
+                if not getattr(param, "computed_at_load", False)  # e.g. the scale of a weight quantized at load
+                for hf_name in _hf_names(param_name)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors, consumed one at a time. Raises CheckpointError naming the tensor on an unexpected,
@@ -86,7 +88,9 @@ class NemotronForCausalLM(nn.Module):
             if name in loaded:
                 raise CheckpointError(f"tensor {name!r} appears more than once in the checkpoint")
             module_name, _, _ = param_name.rpartition(".")
-            loader = getattr(self.get_submodule(module_name), "weight_loader", default_weight_loader)
+            # A parameter's own loader (a linear method's, e.g. for FP8 scales) comes before its module's.
+            loader = (getattr(params[param_name], "weight_loader", None)
+                      or getattr(self.get_submodule(module_name), "weight_loader", default_weight_loader))
             try:
                 if shard_id is None:
                     loader(params[param_name], tensor)
@@ -114,6 +118,11 @@ def _param_name(hf_name: str) -> tuple[str, str | None]:
         if f".{part}." in hf_name:
             return hf_name.replace(f".{part}.", f".{fused}."), shard
     return hf_name, None
+
+
+def hf_module_names(module_name: str) -> list[str]:
+    """Our module name -> the HF module names it holds (q_proj, k_proj, v_proj for a fused qkv_proj)."""
+    return [name.rpartition(".")[0] for name in _hf_names(module_name + ".weight")]
 
 
 def _hf_names(param_name: str) -> list[str]:

@@ -82,6 +82,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         return {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
+        """Load one shard into its rows of `param` (the weight, or a per-row tensor such as an FP8 per-channel
+        scale); shard_id None loads a tensor of the whole fused shape (random weights, tests)."""
+        if shard_id is None:
+            return super().weight_loader(param, loaded_weight)
         slices = self.output_slices()
         if shard_id not in slices:
             raise ValueError(f"QKVParallelLinear.weight_loader: shard_id must be one of {sorted(slices)}, "

@@ -3,6 +3,7 @@
 A parallel linear layer (model/parallel.py) decides its shape and how a checkpoint tensor maps onto it; its
 `linear_method` decides which parameters hold the weight and how to multiply with them. That keeps the model file
 free of quantization: an FP8 method registers fp8 weights plus scales and runs an FP8 GEMM, with the same layers.
+The FP8 method is `model.fp8.Fp8LinearMethod`; which FP8 format a checkpoint is in is `model.quant_config`'s call.
 """
 from __future__ import annotations
 
@@ -26,8 +27,14 @@ class LinearMethod:
         """Hook run once all of `layer`'s parameters are loaded (e.g. to quantize or re-layout them)."""
 
     def squared_relu_mlp(self, up: nn.Module, down: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
-        """down(relu(up(x)) ** 2); a method may fuse the activation into the up-projection's epilogue."""
-        return self.apply(down, torch.relu(self.apply(up, x)).square())
+        """down(relu(up(x)) ** 2); a method may fuse the activation into the up-projection's epilogue. Unfused,
+        each projection runs its own layer's method (they differ when a checkpoint leaves one unquantized)."""
+        h = torch.relu(up.linear_method.apply(up, x)).square()  # [T, intermediate]
+        return down.linear_method.apply(down, h)                 # [T, hidden]
+
+    def describe(self) -> str:
+        """The weight format, for the startup log."""
+        return "unquantized"
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -41,6 +48,8 @@ class UnquantizedLinearMethod(LinearMethod):
         return F.linear(x, layer.weight)  # [..., out]
 
     def squared_relu_mlp(self, up: nn.Module, down: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
+        if not isinstance(down.linear_method, UnquantizedLinearMethod):
+            return super().squared_relu_mlp(up, down, x, ops)  # down_proj is quantized, up_proj not
         # The backend's MLP: a Triton GEMM with relu(.)**2 applied on the fp32 accumulator, or its reference.
         return ops.squared_relu_mlp(x, up.weight, down.weight)  # [T, hidden]
 

@@ -7,6 +7,7 @@ import logging
 import sys
 
 import benchmarks.cli
+import quantize.cli
 import server.api.cli
 
 
@@ -15,6 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     server.api.cli.add_commands(sub)
     benchmarks.cli.add_commands(sub)
+    quantize.cli.add_commands(sub)
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", "info")
     logging.basicConfig(level=getattr(logging, level.upper()), format="%(levelname)s %(name)s: %(message)s")

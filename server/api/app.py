@@ -11,8 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from server.api.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_envelope
-from server.api.serving import OpenAIServing
+from server.api import tokenization
+from server.api.admission import Admission
+from server.api.config import ServerConfig
+from server.api.guard import RequestGuard
+from server.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
+from server.api.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                 TokenizeRequest, error_envelope)
+from server.api.serving import EventStream, OpenAIServing
 from server.api.tokenizer import Tokenizer
 from server.engine.engine import AsyncEngine, EngineDeadError
 
@@ -24,13 +30,18 @@ class ClientDisconnected(Exception):
     pass
 
 
-def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
+              config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
     max_model_len = engine.engine.config.max_model_len
-    serving = OpenAIServing(engine, tokenizer, model_name, max_model_len)
+    admission = Admission(engine, config.max_queue_len)
+    metrics = ServerMetrics(engine, model_name)
+    serving = OpenAIServing(engine, tokenizer, model_name, max_model_len, admission, metrics)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.loop = asyncio.get_running_loop()
         engine.start()
         try:
             yield
@@ -38,12 +49,16 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
             await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="n4", version=VERSION, lifespan=lifespan)
+    app.add_middleware(RequestGuard, config=config, admission=admission)
     app.state.engine = engine
     app.state.serving = serving
+    app.state.admission = admission
+    app.state.metrics = metrics
+    app.state.config = config
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
-        return JSONResponse(exc.envelope(), status_code=exc.status)
+        return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_: Request, exc: EngineDeadError):
@@ -61,11 +76,32 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
 
     @app.get("/health")
     async def health():
-        return Response(status_code=200 if engine.is_running else 503)
+        # 503 until the engine thread runs, after it died, and while draining (the guard answers that first).
+        return Response(status_code=200 if engine.is_running and not admission.draining else 503)
 
     @app.get("/version")
     async def version():
         return {"version": VERSION}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request):
+        request = await _parse(raw, TokenizeRequest)
+        serving.check_model(request.model)
+        return tokenization.tokenize(tokenizer, request, max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request):
+        request = await _parse(raw, DetokenizeRequest)
+        serving.check_model(request.model)
+        return tokenization.detokenize(tokenizer, request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenization.tokenizer_info(tokenizer, max_model_len)
 
     @app.get("/v1/models")
     async def models():
@@ -86,7 +122,19 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
     return app
 
 
+def _check_content_type(raw: Request) -> None:
+    # A missing Content-Type is read as JSON (lenient, like OpenAI's API); a different one is a client mistake
+    # worth naming (curl -d without -H sends form encoding).
+    content_type = raw.headers.get("content-type")
+    if content_type is None:
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise APIError(f"Content-Type must be application/json, got {media_type[:100]!r}.")
+
+
 async def _parse(raw: Request, model):
+    _check_content_type(raw)
     body = await raw.body()
     try:
         data = json.loads(body)
@@ -110,9 +158,9 @@ async def _respond(raw: Request, pending, stream: bool):
     responses), so a client that gives up frees its KV blocks at once. Streaming: Starlette cancels the body
     iterator on disconnect, and the iterator's cleanup aborts the requests."""
     if stream:
-        generator = await pending
-        return StreamingResponse(generator, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        events = await pending
+        return _EventStreamResponse(events, media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     work = asyncio.ensure_future(pending)
     watcher = asyncio.ensure_future(_wait_for_disconnect(raw))
     done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -124,6 +172,20 @@ async def _respond(raw: Request, pending, stream: bool):
         await work
     logger.info("client disconnected; request aborted")
     return Response(status_code=499)
+
+
+class _EventStreamResponse(StreamingResponse):
+    """Gives the stream's admission slots back when the response ends, however it ends."""
+
+    def __init__(self, events: EventStream, **kwargs):
+        super().__init__(events, **kwargs)
+        self.events = events
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.events.close()
 
 
 async def _wait_for_disconnect(raw: Request) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from model.config import PRESETS, get_config
 from model.ops import BACKENDS, default_backend
+from model.quant_config import KV_CACHE_DTYPES
+from server.api.config import DEFAULT_MAX_REQUEST_BODY_BYTES
 from server.engine.config import EngineConfig
 
 logger = logging.getLogger("n4")
@@ -36,6 +38,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel-backend", choices=BACKENDS, default=None,
                    help="triton (default with CUDA) or torch (plain-torch references; the default without CUDA)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--quantization", "-q", default=None, metavar="fp8",
+                   help="fp8: quantize a bf16/fp16/fp32 checkpoint at load (per-channel weights, dynamic per-token "
+                        "activations); FP8 checkpoints (fp8, compressed-tensors, ModelOpt) are detected without it")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="fp8 (= fp8_e4m3): store K/V in FP8 E4M3 with the checkpoint's k/v scales (1.0 without); "
+                        "auto: the model dtype")
 
 
 def _build_engine(args):
@@ -60,19 +68,24 @@ def _build_engine(args):
         max_num_batched_tokens=max(args.max_num_batched_tokens, 1), block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory << 20, gpu_memory_utilization=args.gpu_memory_utilization,
-        kernel_backend=args.kernel_backend or default_backend(), enforce_eager=args.enforce_eager, device=device)
-    engine = LLMEngine.from_pretrained(args.model, engine_config, dtype=dtype, load_format=args.load_format)
+        kernel_backend=args.kernel_backend or default_backend(), enforce_eager=args.enforce_eager, device=device,
+        kv_cache_dtype=args.kv_cache_dtype)
+    engine = LLMEngine.from_pretrained(args.model, engine_config, dtype=dtype, load_format=args.load_format,
+                                       quantization=args.quantization)
     tokenizer_dir = args.model if os.path.isfile(os.path.join(args.model, "tokenizer.model")) else DEMO_MODEL
     if tokenizer_dir != args.model:
         logger.warning("%s has no tokenizer.model; using the demo model's tokenizer", args.model)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    param = next(engine.runner.model.parameters())
-    logger.info("model %s: %d layers, hidden %d, %s on %s, %s kernels; KV cache %d blocks of %d tokens = %d tokens, "
-                "%.1f concurrent sequences of %d tokens", args.model, model_config.num_hidden_layers,
-                model_config.hidden_size, str(param.dtype).replace("torch.", ""), device, engine_config.kernel_backend,
-                engine.num_blocks,
-                engine_config.block_size, engine.num_blocks * engine_config.block_size, engine.max_concurrency,
-                max_model_len)
+    model = engine.runner.model
+    compute_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    weights = model.linear_method.describe()  # e.g. "fp8 per-channel weights, dynamic per-token activations (...)"
+    weights = f"{compute_dtype} weights" if weights == "unquantized" else weights
+    kv_dtype = str(engine.runner.kv_caches[0].dtype).replace("torch.", "")
+    logger.info("model %s: %d layers, hidden %d, %s, %s compute on %s, %s kernels; KV cache %s, %d "
+                "blocks of %d tokens = %d tokens, %.1f concurrent sequences of %d tokens", args.model,
+                model_config.num_hidden_layers, model_config.hidden_size, weights, compute_dtype, device,
+                engine_config.kernel_backend, kv_dtype, engine.num_blocks, engine_config.block_size,
+                engine.num_blocks * engine_config.block_size, engine.max_concurrency, max_model_len)
     return engine, tokenizer
 
 
@@ -82,16 +95,22 @@ def _cuda_available() -> bool:
 
 
 def serve(args) -> None:
-    import uvicorn
-
+    from server.api import lifecycle
     from server.api.app import build_app
+    from server.api.config import ServerConfig
     from server.engine.engine import AsyncEngine
 
+    # Checked before the model loads, so a bad flag fails in a second rather than after minutes.
+    server_config = ServerConfig(api_key=args.api_key or os.environ.get("N4_API_KEY") or None,
+                                 max_queue_len=args.max_queue_len,
+                                 max_request_body_bytes=args.max_request_body_bytes,
+                                 shutdown_timeout=args.shutdown_timeout)
     engine, tokenizer = _build_engine(args)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = build_app(AsyncEngine(engine), tokenizer, name)
-    logger.info("serving %r on http://%s:%d", name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    app = build_app(AsyncEngine(engine), tokenizer, name, server_config)
+    logger.info("serving %r on http://%s:%d%s", name, args.host, args.port,
+                " (API key required)" if server_config.api_key else "")
+    lifecycle.run(app, args.host, args.port, args.log_level, server_config.shutdown_timeout)
 
 
 def generate(args) -> None:
@@ -127,6 +146,15 @@ def add_commands(sub) -> None:
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--served-model-name", default=None, help="the model name clients send")
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p_serve.add_argument("--api-key", default=None,
+                         help="require 'Authorization: Bearer KEY' (default: $N4_API_KEY; /health, /metrics and "
+                              "/version stay public)")
+    p_serve.add_argument("--max-queue-len", type=int, default=None,
+                         help="answer 429 (with Retry-After) while this many requests wait to run (default: no cap)")
+    p_serve.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                         help="larger request bodies get 413 (default: 8 MiB)")
+    p_serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                         help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
     p_serve.set_defaults(func=serve)
 
     p_gen = sub.add_parser("generate", help="generate from one prompt")

@@ -8,19 +8,20 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class APIError(Exception):
     """An error returned to the client in the OpenAI envelope."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 error_type: str | None = None):
+                 error_type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
+        self.headers = headers   # e.g. Retry-After on a 429
         self.error_type = error_type or _ERROR_TYPES.get(status, "server_error" if status >= 500 else
                                                           "invalid_request_error")
 
@@ -153,6 +154,29 @@ class CompletionRequest(_SamplingFields):
             if isinstance(value[0], list) and any(not ids for ids in value):
                 raise ValueError("token-id prompts must not be empty")
         return value
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a text `prompt`, or chat `messages` rendered with the chat template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    # True prepends BOS. n4 adds none to prompts (Nemotron-4's convention), so the default gives the ids that
+    # /v1/completions and /v1/chat/completions run.
+    add_special_tokens: bool = False
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 def now() -> int:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from server.api.admission import Admission, Ticket
+from server.api.metrics import ServerMetrics
 from server.api.output import ChoiceDelta, ChoiceProcessor, chat_logprobs, completion_logprobs, TokenNamer
 from server.api.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_envelope, now,
                                  random_id, usage)
 from server.api.tokenizer import Tokenizer
-from server.engine.engine import AsyncEngine, EngineDeadError
+from server.engine.engine import AsyncEngine, EngineDeadError, RequestOutput
 from server.engine.sampling import SamplingParamError, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -25,14 +28,34 @@ class _Choice:
     prompt_token_ids: list[int]
     params: SamplingParams
     processor: ChoiceProcessor
+    arrival: float             # time.monotonic() when the HTTP request arrived
+    ticket: Ticket | None = None
+
+
+class EventStream:
+    """A server-sent-event body and the admission slots it holds. The app's response calls close() when it
+    ends, so the slots come back even if the body never started (a client gone before the first byte)."""
+
+    def __init__(self, events: AsyncIterator[str], ticket: Ticket):
+        self.events = events
+        self.ticket = ticket
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.events
+
+    def close(self) -> None:
+        self.ticket.close()
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_model_len: int):
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_model_len: int,
+                 admission: Admission | None = None, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.admission = admission or Admission(engine)
+        self.metrics = metrics or ServerMetrics(engine, model_name)
 
     # ---- request -> engine inputs --------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -43,11 +66,11 @@ class OpenAIServing:
     def _prompts(self, request: CompletionRequest) -> list[list[int]]:
         prompt = request.prompt
         if isinstance(prompt, str):
-            prompts = [self.tokenizer.encode(prompt)]
+            prompts = [self.tokenizer.encode(prompt, control_tokens=True)]
         elif isinstance(prompt[0], int):
             prompts = [list(prompt)]
         elif isinstance(prompt[0], str):
-            prompts = [self.tokenizer.encode(p) for p in prompt]
+            prompts = [self.tokenizer.encode(p, control_tokens=True) for p in prompt]
         else:
             prompts = [list(p) for p in prompt]
         vocab = self.tokenizer_vocab_limit
@@ -104,7 +127,8 @@ class OpenAIServing:
             raise APIError("stream_options is only allowed when stream is true.", param="stream_options")
 
     def _choices(self, request, prompts: list[list[int]], max_tokens: int | None, length_param: str,
-                 logprobs: int | None, prompt_logprobs: int | None, extra_stop_ids: list[int]) -> list[_Choice]:
+                 logprobs: int | None, prompt_logprobs: int | None, extra_stop_ids: list[int],
+                 arrival: float) -> list[_Choice]:
         choices = []
         for p, prompt_ids in enumerate(prompts):
             effective = self._check_length(len(prompt_ids), max_tokens, length_param)
@@ -118,14 +142,34 @@ class OpenAIServing:
                 index = p * request.n + i
                 processor = ChoiceProcessor(index, self.tokenizer, prompt_ids, request.stop_list,
                                             request.skip_special_tokens, request.include_stop_str_in_output)
-                choices.append(_Choice(index, i, prompt_ids, params, processor))
+                choices.append(_Choice(index, i, prompt_ids, params, processor, arrival))
         return choices
+
+    async def _start(self, request, request_id: str, choices: list[_Choice], stream, full):
+        """Admits the request (429 over the queue cap, 503 while draining), then streams or runs it whole."""
+        ticket = self.admission.admit(len(choices))
+        for choice in choices:
+            choice.ticket = ticket
+        if request.stream:
+            return EventStream(stream(request, request_id, choices), ticket)
+        try:
+            return await full(request, request_id, choices)
+        finally:
+            ticket.close()
 
     # ---- running choices ----------------------------------------------------------------------------------
     async def _run_choice(self, request_id: str, choice: _Choice, sink: asyncio.Queue) -> None:
         engine_id = f"{request_id}-{choice.index}"
+        timer = self.metrics.timer(engine_id, choice.arrival)
+        live = self.admission.live
         try:
+            if self.admission.closed:   # a drain that ran out of time: what starts now is aborted at once
+                await sink.put(choice.processor.process(RequestOutput(engine_id, finished=True,
+                                                                      finish_reason="abort")))
+                return
+            live.add(engine_id)
             async for out in self.engine.generate(engine_id, choice.prompt_token_ids, choice.params):
+                timer.on_output(out)
                 delta = choice.processor.process(out)
                 await sink.put(delta)
                 if delta.stop_string_hit:
@@ -135,6 +179,12 @@ class OpenAIServing:
                     return
         except ValueError as e:  # the engine refused the request (its own checks); a client error, not ours
             raise APIError(str(e)) from None
+        finally:
+            live.discard(engine_id)
+            if choice.ticket is not None:
+                choice.ticket.release()
+            if choice.processor.finish_reason is not None:
+                timer.finish(choice.processor.finish_reason)
 
     async def _deltas(self, request_id: str, choices: list[_Choice]) -> AsyncIterator[ChoiceDelta]:
         """Runs every choice concurrently and yields their deltas as they come. Cancelling the consumer (a
@@ -162,6 +212,7 @@ class OpenAIServing:
 
     # ---- completions --------------------------------------------------------------------------------------
     async def completion(self, request: CompletionRequest):
+        arrival = time.monotonic()
         self.check_model(request.model)
         self._check_stream_options(request)
         if request.suffix:
@@ -174,11 +225,9 @@ class OpenAIServing:
         if request.echo and request.logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
         choices = self._choices(request, prompts, request.max_tokens, "max_tokens", request.logprobs,
-                                prompt_logprobs, [])
-        request_id = random_id("cmpl")
-        if request.stream:
-            return self._stream_completion(request, request_id, choices)
-        return await self._full_completion(request, request_id, choices)
+                                prompt_logprobs, [], arrival)
+        return await self._start(request, random_id("cmpl"), choices, self._stream_completion,
+                                 self._full_completion)
 
     async def _full_completion(self, request: CompletionRequest, request_id: str, choices: list[_Choice]) -> dict:
         name = TokenNamer(self.tokenizer, request.return_tokens_as_token_ids)
@@ -223,6 +272,7 @@ class OpenAIServing:
 
     # ---- chat ---------------------------------------------------------------------------------------------
     async def chat(self, request: ChatCompletionRequest):
+        arrival = time.monotonic()
         self.check_model(request.model)
         self._check_stream_options(request)
         if request.top_logprobs is not None and not request.logprobs:
@@ -238,11 +288,8 @@ class OpenAIServing:
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         choices = self._choices(request, [prompt_ids], max_tokens, param, logprobs, None,
-                                self.tokenizer.chat_stop_token_ids)
-        request_id = random_id("chatcmpl")
-        if request.stream:
-            return self._stream_chat(request, request_id, choices)
-        return await self._full_chat(request, request_id, choices)
+                                self.tokenizer.chat_stop_token_ids, arrival)
+        return await self._start(request, random_id("chatcmpl"), choices, self._stream_chat, self._full_chat)
 
     async def _full_chat(self, request: ChatCompletionRequest, request_id: str, choices: list[_Choice]) -> dict:
         name = TokenNamer(self.tokenizer, request.return_tokens_as_token_ids)

@@ -23,6 +23,7 @@ past the tokenizer's vocabulary must not sample them).
 from __future__ import annotations
 
 import codecs
+import functools
 import operator
 import os
 import re
@@ -33,6 +34,18 @@ _SPACE = "\u2581"  # "▁", SentencePiece's visible space
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _CHAT_STOP_PIECE = "<extra_id_1>"
 _ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+# apply_chat_template as a Jinja template (HF's chat_template convention), for clients that render prompts
+# themselves from /tokenizer_info (lm-eval's remote tokenizer). tests/api/test_tokenize.py checks that both agree.
+CHAT_TEMPLATE = (
+    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "<extra_id_0>System\n{{ system }}\n"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<extra_id_1>User\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}<extra_id_1>Assistant\n{{ message['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<extra_id_1>Assistant\n{% endif %}"
+)
 _UTF8_ERRORS = "n4-replace-per-byte"
 
 
@@ -181,11 +194,29 @@ class Tokenizer:
 
     # ---- text ----
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids for ``text``. ``<extra_id_N>`` written in the text become their single tokens."""
+    def encode(self, text: str, add_bos: bool = False, control_tokens: bool = False) -> list[int]:
+        """Token ids for ``text``. ``<extra_id_N>`` written in the text become their single tokens. With
+        ``control_tokens``, so do control pieces (``<s>``, ``</s>``, ``<pad>``), as in HF tokenizers: the text
+        between them is encoded piece by piece, each piece as if it started a text. Clients that find the EOS
+        id by tokenizing the EOS string (lm-eval's remote tokenizer) rely on this."""
         if add_bos and self.bos_token_id is None:
             raise ValueError("This tokenizer has no BOS token.")
-        return self._sp.encode(text, add_bos=add_bos)
+        prefix = [self.bos_token_id] if add_bos else []
+        if not control_tokens or self._control_pattern is None:
+            return prefix + self._sp.encode(text)
+        ids = prefix
+        for i, part in enumerate(self._control_pattern.split(text)):
+            if i % 2:
+                ids.append(self._piece_to_id[part])
+            elif part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    @functools.cached_property
+    def _control_pattern(self) -> re.Pattern | None:
+        pieces = sorted((self._pieces[i] for i in range(len(self._pieces)) if self._kinds[i] == _CONTROL),
+                        key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text for ``ids``; equal to sentencepiece's decode when ``skip_special_tokens`` (see module doc)."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.quant_config import KV_CACHE_DTYPES
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -15,6 +17,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int = 256 << 20  # CPU: bytes given to the KV pool when num_kv_blocks is not set
     kernel_backend: str = "torch"        # torch | triton (model/ops.py)
+    kv_cache_dtype: str = "auto"         # auto (the model dtype) | fp8 / fp8_e4m3 (E4M3 with per-layer scales)
     enforce_eager: bool = False          # True: no CUDA graphs for decode steps
     device: str = "cpu"
 
@@ -31,3 +34,6 @@ class EngineConfig:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kernel_backend not in ("torch", "triton"):
             raise ValueError(f"--kernel-backend must be 'torch' or 'triton', got {self.kernel_backend!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")

@@ -15,6 +15,8 @@ import torch
 
 from model.config import ModelConfig
 from model.loader import load_model
+from model.quant import FP8_DTYPE
+from model.quant_config import is_fp8_kv_cache
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.model_runner import ModelRunner, RunnerOutput, kv_cache_bytes_per_block
@@ -53,7 +55,10 @@ class LLMEngine:
                  kv_cache_dtype: torch.dtype | None = None):
         self.model_config = model_config
         self.config = engine_config
-        kv_dtype = kv_cache_dtype or next(model.parameters()).dtype
+        # The KV cache: E4M3 for --kv-cache-dtype fp8 (each Attention holds its k/v scales), else the model dtype.
+        # Blocks from memory are counted with this dtype's element size, so FP8 holds twice the tokens of bf16.
+        kv_dtype = kv_cache_dtype or (FP8_DTYPE if is_fp8_kv_cache(engine_config.kv_cache_dtype)
+                                      else next(model.parameters()).dtype)
         self.num_blocks = engine_config.num_kv_blocks or self._blocks_from_memory(kv_dtype)
         self._check_pool_fits_a_sequence()
         self.block_manager = BlockManager(self.num_blocks, engine_config.block_size,
@@ -65,9 +70,11 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str, engine_config: EngineConfig, dtype: str = "auto",
-                        load_format: str = "auto") -> "LLMEngine":
+                        load_format: str = "auto", quantization: str | None = None) -> "LLMEngine":
+        """quantization: None (FP8 checkpoints are detected) or "fp8" (quantize a bf16/fp16/fp32 one at load)."""
         module, config = load_model(model, dtype=dtype, device=engine_config.device, load_format=load_format,
-                                    kernel_backend=engine_config.kernel_backend)
+                                    kernel_backend=engine_config.kernel_backend, quantization=quantization,
+                                    kv_cache_dtype=engine_config.kv_cache_dtype)
         return cls(module, config, engine_config)
 
     # ---- sizing -------------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ def test_generate_is_deterministic_when_greedy():
     (["serve", "--model", "/nonexistent/dir"], "neither a checkpoint directory nor a preset"),
     (["generate", "--prompt", "x", "--temperature", "nan"], "temperature must be a finite number"),
     (["generate", "--prompt", "x", "--max-model-len", "999999"], "exceeds the model's max_position_embeddings"),
+    (["serve", "--max-queue-len", "0"], "--max-queue-len must be a positive integer"),
+    (["serve", "--shutdown-timeout", "nan"], "--shutdown-timeout must be a non-negative number"),
+    (["serve", "--max-request-body-bytes", "-1"], "--max-request-body-bytes must be a positive integer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -2,52 +2,19 @@
 With no --model it serves the embedded demo checkpoint (what `make serve` does)."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import openai
 import pytest
+
+from tests.api.conftest import start_n4_serve, stop_n4_serve
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "n4.cli", "serve", "--port", str(port),
-                             "--served-model-name", "demo", "--max-model-len", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"n4 serve exited early:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("n4 serve did not become healthy in 120 s")
+    proc, base = start_n4_serve("--served-model-name", "demo", "--max-model-len", "512")
     yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("n4 serve did not exit within 20 s of SIGTERM")
+    assert stop_n4_serve(proc) == 0   # a graceful SIGTERM exits 0
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,14 @@
 input answered with the error envelope (after which the server keeps serving)."""
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import pytest
 
 from model.config import ModelConfig
-from tests.api.conftest import MODEL_NAME, serve_checkpoint
+from tests.api.conftest import MODEL_NAME, make_app, serve_checkpoint, uvicorn_thread
 from tests.utils import make_tiny_checkpoint
 
 CONFIG = ModelConfig(vocab_size=4096, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -17,9 +19,13 @@ MAX_MODEL_LEN = 128
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    path = make_tiny_checkpoint(str(tmp_path_factory.mktemp("api")), CONFIG, seed=11)
-    with serve_checkpoint(path, max_model_len=MAX_MODEL_LEN) as c:
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("api")), CONFIG, seed=11)
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint):
+    with serve_checkpoint(checkpoint, max_model_len=MAX_MODEL_LEN) as c:
         yield c
 
 
@@ -201,3 +207,68 @@ def test_chat_max_tokens_defaults_to_remaining_context(client):
     usage = r.json()["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] == MAX_MODEL_LEN
     assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_length_and_stop_finish_reasons(client):
+    body = {"model": MODEL_NAME, "prompt": "Finish", "max_tokens": 6, "ignore_eos": True}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    # EOS (id 3 in the demo tokenizer) forced as the first token: a "stop" with no text.
+    r = client.post("/v1/completions", json={**body, "ignore_eos": False, "logit_bias": {"3": 100}})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"] == "" and r.json()["usage"]["completion_tokens"] == 1
+    # A stop token id after one forced token: "stop", and the stop token is not in the text.
+    r = client.post("/v1/chat/completions", json=_chat(logit_bias={"5": 100}, max_tokens=6))
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and "<extra_id_1>" not in choice["message"]["content"]
+    events = _events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"][0]["finish_reason"]] == \
+        ["length"]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_contract_lm_eval_relies_on(client, max_tokens):
+    """lm-eval's loglikelihood call: token-id prompts, echo, logprobs 1, max_tokens 0 or 1."""
+    ids = [101, 202, 303, 404, 505, 606]
+    body = {"model": MODEL_NAME, "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": max_tokens,
+            "temperature": 0, "seed": 1234, "return_tokens_as_token_ids": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + max_tokens
+    assert lp["tokens"][:len(ids)] == [f"token_id:{t}" for t in ids]   # 1:1, no BOS, no re-tokenization
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for token, logprob, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert logprob <= 0 and top[token] == logprob and len(top) <= 2
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+    if max_tokens == 1:   # the greedy next token is the top-1 of its own distribution
+        assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())
+    zero = client.post("/v1/completions", json={**body, "max_tokens": 0}).json()["choices"][0]["logprobs"]
+    assert zero["token_logprobs"] == lp["token_logprobs"][:len(ids)]
+
+
+def test_concurrent_identical_greedy_requests_match_a_single_one(checkpoint):
+    """32 identical greedy requests batched together (half streamed) give the single request's text."""
+    body = {"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True}
+
+    async def one(http: httpx.AsyncClient, stream: bool) -> str:
+        if not stream:
+            r = await http.post("/v1/completions", json=body)
+            return r.json()["choices"][0]["text"]
+        text = []
+        async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    text.append(json.loads(line[len("data: "):])["choices"][0]["text"])
+        return "".join(text)
+
+    async def run(base: str) -> tuple[str, list[str]]:
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
+            single = await one(http, stream=False)
+            return single, await asyncio.gather(*(one(http, stream=i % 2 == 1) for i in range(32)))
+
+    with uvicorn_thread(make_app(checkpoint, max_model_len=MAX_MODEL_LEN)) as base:
+        single, texts = asyncio.run(run(base))
+    assert single and texts == [single] * 32

@@ -1,0 +1,67 @@
+"""Running the app under uvicorn with a graceful shutdown.
+
+On SIGTERM (or a first Ctrl-C):
+1. n4 starts draining: /health answers 503 and any new request 503 in the envelope (code "shutting_down");
+   uvicorn closes the listening socket within ~0.1 s, after which new connections are refused.
+2. In-flight requests run on for up to --shutdown-timeout seconds.
+3. Whatever is still running then is aborted: its client gets a normal end with finish_reason "abort" (the
+   final stream chunk and [DONE], or the JSON body).
+4. Once the last response is out, the lifespan stops the engine thread and the process exits 0.
+A second Ctrl-C exits at once; uvicorn's own deadline (--shutdown-timeout + GRACE_SECONDS) cancels any handler
+that still hangs after the aborts.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvicorn
+from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+GRACE_SECONDS = 5.0
+
+
+def begin_drain(app: FastAPI, timeout: float) -> None:
+    """Stop admitting requests; abort the ones still running after `timeout` seconds. Runs on the event loop."""
+    admission = app.state.admission
+    if admission.draining:
+        return
+    admission.draining = True
+    logger.info("shutting down: draining %d in-flight requests for up to %.1f s", len(admission.live), timeout)
+
+    def abort_left() -> None:
+        count = admission.abort_all()
+        if count:
+            logger.warning("shutdown timeout (%.1f s) reached: aborted %d requests", timeout, count)
+
+    asyncio.get_running_loop().call_later(timeout, abort_left)
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server with the drain hooked into its exit signal. Unlike uvicorn's own handler it does not
+    re-raise the signal after the graceful exit, so a drained shutdown exits with status 0."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, timeout: float):
+        super().__init__(config)
+        self.n4_app = app
+        self.drain_timeout = timeout
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True   # a second Ctrl-C: stop waiting
+            return
+        self.should_exit = True
+        loop = getattr(self.n4_app.state, "loop", None)
+        if loop is not None:   # a signal handler may not touch the loop directly; this is the safe way in
+            loop.call_soon_threadsafe(begin_drain, self.n4_app, self.drain_timeout)
+
+
+def run(app: FastAPI, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout + GRACE_SECONDS)
+    server = _DrainingServer(config, app, shutdown_timeout)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)   # uvicorn's status for a failed startup (e.g. the port is taken)
