@@ -6,7 +6,8 @@ Everything FP8 about a linear layer lives here, so the model and the parallel la
   [] after loading). Each parameter carries its own `weight_loader`, which checks what the checkpoint holds and then
   goes through the layer's loader, so scales follow the same shard (and, later, rank) mapping as weights.
 - `process_weights_after_loading` turns per-shard scales into one: fused q/k/v shards with different per-tensor
-  scales are requantized to the largest (REFERENCE.md), static input scales take the max of the three.
+  scales become one per-row scale (exact; REFERENCE.md's requantize-to-max re-rounds, and only a GEMM with a single
+  scale needs it), static input scales take the max of the three.
 - `apply` quantizes x (per token, or per tensor with the static input_scale) and runs the FP8 GEMM of the kernel
   backend: `kernels.fp8_gemm.fp8_gemm` (Triton) or `torch._scaled_mm` (torch backend on the CPU; the reference
   `fp8_gemm_ref` elsewhere). `squared_relu_mlp` runs the fused FP8 MLP, whose intermediate both backends quantize
@@ -140,9 +141,15 @@ class Fp8LinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if not self.per_channel and layer.weight_scale.dim() == 1:
             scales = layer.weight_scale.detach()                                           # [shards]
-            if len(scales) > 1:
-                _requantize_to_max(layer, scales)
-            layer.weight_scale = nn.Parameter(scales.max().reshape(()), requires_grad=False)  # []
+            if len(scales) > 1 and not bool((scales == scales[0]).all()):
+                # Fused q/k/v with different per-tensor scales: spread them over their rows as one per-channel
+                # scale. Exact (vLLM instead re-rounds the shards to the largest scale, because its GEMM takes
+                # one scale; ours takes a scale per output row at no extra cost).
+                sizes = [size for _, size in layer.output_slices().values()]
+                per_row = torch.repeat_interleave(scales, torch.tensor(sizes, device=scales.device))
+                layer.weight_scale = nn.Parameter(per_row.reshape(-1, 1), requires_grad=False)  # [out, 1]
+            else:
+                layer.weight_scale = nn.Parameter(scales[0].reshape(()), requires_grad=False)  # []
         if self.static and layer.input_scale.dim() == 1:
             # One static scale for the fused input: the largest calibrated range covers q's, k's and v's.
             layer.input_scale = nn.Parameter(layer.input_scale.detach().max().reshape(()), requires_grad=False)
@@ -214,16 +221,3 @@ def _load_and_quantize(layer: nn.Module, param: torch.Tensor, loaded: torch.Tens
     _layer_load(layer, layer.weight_scale, scale, shard_id)
 
 
-@torch.no_grad()
-def _requantize_to_max(layer: nn.Module, scales: torch.Tensor) -> None:
-    """Give every fused shard the largest per-tensor scale: rows of shard i become
-    e4m3(clamp(w.float() * scale_i / max_scale, +-448)), which re-rounds the shards with smaller scales (one more
-    E4M3 rounding, relative error <= 2^-4 per element) and leaves the largest one's bytes unchanged."""
-    max_scale = scales.max()
-    if max_scale == 0:
-        return
-    for index, (start, size) in enumerate(layer.output_slices().values()):
-        if scales[index] == max_scale:
-            continue
-        rows = layer.weight.narrow(0, start, size)                                          # [size, in] view
-        rows.copy_((rows.float() * scales[index] / max_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))

@@ -92,17 +92,16 @@ def _qkv(method, static=False, seed=0):
     return layer, shards
 
 
-def test_per_tensor_qkv_requantized_to_max_scale():
+def test_per_tensor_qkv_scales_spread_over_their_rows():
     layer, shards = _qkv(_method("tensor", "static"), static=True)
-    top = max(s for _, s in shards.values())
-    assert layer.weight_scale.shape == () and layer.weight_scale == top
+    expected_scale = torch.cat([torch.full((q.shape[0], 1), float(s)) for q, s in shards.values()])
+    assert layer.weight_scale.shape == (layer.out_features, 1) and torch.equal(layer.weight_scale, expected_scale)
     assert layer.input_scale.shape == () and layer.input_scale.item() == pytest.approx(0.03)
-    expected = torch.cat([e4m3(q.float() * s / top) for q, s in shards.values()])
-    assert same_bytes(layer.weight, expected)
-    assert same_bytes(layer.weight[16 * 3: 16 * 4], shards["k"][0])  # the max-scale shard keeps its bytes
+    expected = torch.cat([q for q, _ in shards.values()])
+    assert same_bytes(layer.weight, expected)                # every shard keeps its bytes: no second rounding
     method = layer.linear_method
     method.process_weights_after_loading(layer)  # idempotent
-    assert same_bytes(layer.weight, expected)
+    assert same_bytes(layer.weight, expected) and torch.equal(layer.weight_scale, expected_scale)
 
 
 def test_per_channel_qkv_scales_concatenate():
