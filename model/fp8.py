@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from model.errors import CheckpointError
-from model.quant import FP8_DTYPE, FP8_MAX, LinearMethod, quantize_weight_fp8
+from model.quant import FP8_DTYPE, LinearMethod, quantize_weight_fp8
 from model.quant_config import QuantConfig
 
 
