@@ -7,7 +7,7 @@ whole model with random weights; every figure lands in one JSON beside its roofl
 Steps, each under its own time limit so that one slow step cannot eat the device budget:
 1. correctness: `pytest -m gpu tests/kernels` (compiled Triton vs the references on real shapes);
 2. kernels: `n4 bench kernels` on the 15B and 340B-TP8 shapes;
-3. model: the 15B preset with --load-format dummy, decode tokens/s at batch 1/16/64/256, prefill tokens/s,
+3. model: the 15B preset with --load-format dummy in FP8 (weights and KV cache), decode tokens/s at batch 1/16/64/256, prefill tokens/s,
    and the time to first token of a 2k prompt, beside the decode roofline (weights read per step / HBM).
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _sync() -> None:
 
 
 def step_model(preset: str, batches: list[int], backend: str, dtype: str, prompt_len: int, new_tokens: int,
-               ttft_len: int) -> dict:
+               ttft_len: int, quantization: str | None = None, kv_cache_dtype: str = "auto") -> dict:
     from benchmarks.roofline import for_device
     from model.config import PRESETS
     from server.engine.config import EngineConfig
@@ -80,9 +80,11 @@ def step_model(preset: str, batches: list[int], backend: str, dtype: str, prompt
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = EngineConfig(max_model_len=4096, max_num_seqs=max(batches), max_num_batched_tokens=8192,
-                          kernel_backend=backend, device=device, num_kv_blocks=None if device == "cuda" else 512)
-    engine = LLMEngine.from_pretrained(preset, config, dtype=dtype, load_format="dummy")
-    result: dict = {"preset": preset, "dtype": dtype, "backend": backend, "kv_blocks": engine.num_blocks,
+                          kernel_backend=backend, device=device, num_kv_blocks=None if device == "cuda" else 512,
+                          kv_cache_dtype=kv_cache_dtype)
+    engine = LLMEngine.from_pretrained(preset, config, dtype=dtype, load_format="dummy", quantization=quantization)
+    result: dict = {"preset": preset, "dtype": dtype, "backend": backend, "quantization": quantization,
+                    "kv_cache_dtype": kv_cache_dtype, "kv_blocks": engine.num_blocks,
                     "decode": [_decode_rate(engine, b, prompt_len, new_tokens) for b in batches]}
     # Prefill throughput and TTFT: one prompt of ttft_len tokens, max_tokens 1.
     engine.add_request("ttft", [(j % 1000) + 10 for j in range(ttft_len)], SamplingParams(max_tokens=1))
@@ -125,9 +127,11 @@ def main() -> None:
         ("correctness", lambda: step_correctness(timeout=60 if args.smoke else 180)),
         ("kernels", lambda: step_kernels(reduced=args.smoke or not cuda, iters=2 if args.smoke else 20)),
         ("model_15b" if not args.smoke else "model_tiny",
+         # The deployment configuration: FP8 weights (quantized at load), FP8 KV cache, Triton kernels.
          lambda: step_model("tiny" if args.smoke else "nemotron-4-15b", [1, 4] if args.smoke else [1, 16, 64, 256],
                             "torch" if args.smoke else "triton", "float32" if args.smoke else "bfloat16",
-                            16 if args.smoke else 128, 4 if args.smoke else 64, 32 if args.smoke else 2048)),
+                            16 if args.smoke else 128, 4 if args.smoke else 64, 32 if args.smoke else 2048,
+                            quantization="fp8", kv_cache_dtype="fp8")),
     ]
     for name, fn in steps:
         start = time.time()
