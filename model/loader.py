@@ -112,14 +112,14 @@ def _declares_quantization(path: str) -> bool:
 
 def _scale_shapes(path: str) -> dict[str, tuple[int, ...]]:
     shapes = {}
-    for file in _safetensors_files(path):
+    for file in safetensors_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     if name.endswith("_scale"):
                         shapes[name] = tuple(f.get_slice(name).get_shape())
         except (SafetensorError, OSError) as e:
-            raise _unreadable(file, e) from None
+            raise unreadable_file_error(file, e) from None
     return shapes
 
 
@@ -202,25 +202,25 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     come in their stored dtype: the model's weight loaders cast as they copy into the parameters, so a quantized
     linear method can still see its checkpoint's own dtypes.
     """
-    for file in _safetensors_files(path):
+    for file in safetensors_files(path):
         try:
             handle = safe_open(file, framework="pt", device="cpu")
         except (SafetensorError, OSError) as e:
-            raise _unreadable(file, e) from None
+            raise unreadable_file_error(file, e) from None
         with handle as f:
             for name in f.keys():
                 try:
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
-                    raise _unreadable(file, e) from None
+                    raise unreadable_file_error(file, e) from None
                 yield name, tensor
 
 
-def _unreadable(file: str, error: Exception) -> CheckpointError:
+def unreadable_file_error(file: str, error: Exception) -> CheckpointError:
     return CheckpointError(f"{file}: cannot read this safetensors file; it may be truncated or corrupt ({error})")
 
 
-def _safetensors_files(path: str) -> list[str]:
+def safetensors_files(path: str) -> list[str]:
     index_path = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index_path):
         try:

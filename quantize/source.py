@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from model.config import ModelConfig
 from model.errors import CheckpointError
-from model.loader import _safetensors_files, _unreadable
+from model.loader import safetensors_files, unreadable_file_error
 from quantize import signals
 from quantize.writer import TORCH_DTYPES
 
@@ -79,7 +79,7 @@ class SourceCheckpoint:
         _reject_quantized_config(path, hf_config)
         stack = contextlib.ExitStack()
         try:
-            handles, tensors = _open_files(_safetensors_files(path), stack)
+            handles, tensors = _open_files(safetensors_files(path), stack)
             _check_tensors(tensors, config)
         except BaseException:
             stack.close()
@@ -96,7 +96,7 @@ class SourceCheckpoint:
                     return handle.get_tensor(name)
                 return handle.get_slice(name)[start:stop]
         except (SafetensorError, OSError) as e:
-            raise _unreadable(tensor.file, e) from None
+            raise unreadable_file_error(tensor.file, e) from None
 
     def close(self) -> None:
         self._stack.close()
@@ -129,7 +129,7 @@ def _open_files(files: list[str], stack: contextlib.ExitStack) -> tuple[dict, di
                 entries = [(name, handle.get_slice(name)) for name in handle.keys()]
                 entries = [(name, s.get_dtype(), tuple(s.get_shape())) for name, s in entries]
         except (SafetensorError, OSError) as e:
-            raise _unreadable(file, e) from None
+            raise unreadable_file_error(file, e) from None
         handles[file] = handle
         for name, dtype, shape in entries:
             if name in tensors:
