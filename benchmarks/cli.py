@@ -1,5 +1,5 @@
-"""`n4 bench ...` subcommands (registered by n4/cli.py). Imports stay lazy: `kernels` must set up the Triton
-interpreter before triton is imported when there is no GPU."""
+"""`n4 bench ...` and `n4 plan` subcommands (registered by n4/cli.py). Imports stay lazy: `kernels` must set up the
+Triton interpreter before triton is imported when there is no GPU."""
 from __future__ import annotations
 
 
@@ -13,6 +13,12 @@ def add_commands(sub) -> None:
     kernels.add_argument("--iters", type=int, default=None, help="timed iterations per measurement")
     kernels.add_argument("--json", default=None, help="write the rows here too")
     kernels.set_defaults(func=_run_kernels)
+
+    from benchmarks import plan  # arithmetic only: no torch, no triton
+    plan_parser = sub.add_parser("plan", help="per-GPU weights, KV capacity and a roofline projection of a "
+                                              "deployment (no GPU needed)")
+    plan.add_arguments(plan_parser)
+    plan_parser.set_defaults(func=plan.run)
 
 
 def _run_kernels(args) -> None:
