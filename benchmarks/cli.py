@@ -14,6 +14,14 @@ def add_commands(sub) -> None:
     kernels.add_argument("--json", default=None, help="write the rows here too")
     kernels.set_defaults(func=_run_kernels)
 
+    from benchmarks import serve, throughput  # argparse only at import; torch/httpx load when a command runs
+    throughput_parser = bench_sub.add_parser("throughput", help="offline engine throughput: all requests at once")
+    throughput.add_arguments(throughput_parser)
+    throughput_parser.set_defaults(func=throughput.main)
+    serve_parser = bench_sub.add_parser("serve", help="online load generator against any OpenAI-compatible server")
+    serve.add_arguments(serve_parser)
+    serve_parser.set_defaults(func=serve.main)
+
     from benchmarks import plan  # arithmetic only: no torch, no triton
     plan_parser = sub.add_parser("plan", help="per-GPU weights, KV capacity and a roofline projection of a "
                                               "deployment (no GPU needed)")

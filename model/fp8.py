@@ -27,8 +27,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from model import distributed
 from model.errors import CheckpointError
-from model.quant import FP8_DTYPE, LinearMethod, quantize_weight_fp8
+from model.lazy_tensor import materialize
+from model.quant import FP8_DTYPE, FP8_MAX, LinearMethod, fp8_scale
 from model.quant_config import QuantConfig
 
 
@@ -81,8 +83,8 @@ def _shard_ids(layer: nn.Module) -> list[str | None]:
     return list(slices()) if slices is not None else [None]
 
 
-def _layer_load(layer: nn.Module, param: torch.Tensor, loaded: torch.Tensor, shard_id: str | None) -> None:
-    """Through the layer's own loader: it knows where a shard's rows go (and, with several ranks, which slice)."""
+def _layer_load(layer: nn.Module, param: torch.Tensor, loaded, shard_id: str | None) -> None:
+    """Through the layer's own loader: it knows where a shard's rows go and, with several ranks, which slice."""
     if shard_id is None:
         layer.weight_loader(param, loaded)
     else:
@@ -187,7 +189,9 @@ def _load_fp8_weight(layer: nn.Module, param: torch.Tensor, loaded: torch.Tensor
 
 
 def _load_channel_scale(layer: nn.Module, param: torch.Tensor, loaded: torch.Tensor, shard_id: str | None = None):
-    """A per-output-channel scale, stored [rows] or [rows, 1]; rows land where the weight's rows do."""
+    """A per-output-channel scale, stored [rows] or [rows, 1]; rows land where the weight's rows do (split with
+    them by a column-parallel layer, whole on every rank of a row-parallel one)."""
+    loaded = materialize(loaded)
     _check_scale(loaded, positive=False)
     column = loaded.float().reshape(-1, 1) if loaded.dim() == 1 else loaded.float()       # [rows, 1]
     _layer_load(layer, param, column, shard_id)
@@ -196,6 +200,7 @@ def _load_channel_scale(layer: nn.Module, param: torch.Tensor, loaded: torch.Ten
 def _load_tensor_scale(layer: nn.Module, param: torch.Tensor, loaded: torch.Tensor, shard_id: str | None = None,
                        positive: bool = True):
     """A per-tensor scale ([] or [1]) into its shard's slot. Multi-rank: per-tensor scales are replicated."""
+    loaded = materialize(loaded)
     if loaded.numel() != 1:
         raise CheckpointError(f"expected one value (a per-tensor scale), found shape {list(loaded.shape)}")
     _check_scale(loaded, positive)
@@ -206,18 +211,27 @@ def _load_tensor_scale(layer: nn.Module, param: torch.Tensor, loaded: torch.Tens
         param[shards.index(shard_id)] = loaded.reshape(()).float()
 
 
-def _load_and_quantize(layer: nn.Module, param: torch.Tensor, loaded: torch.Tensor, shard_id: str | None = None):
-    """A high-precision weight (shard) -> E4M3 per output channel into `weight`, its scales into `weight_scale`."""
-    if not loaded.is_floating_point() or loaded.element_size() < 2:
+def _load_and_quantize(layer: nn.Module, param: torch.Tensor, loaded, shard_id: str | None = None):
+    """A high-precision weight (shard) -> E4M3 per output channel into `weight`, its scales into `weight_scale`.
+
+    Each rank quantizes only its slice. A row's scale is that of the whole row, as at one rank: a row-parallel
+    rank holds a K-slice of each row, so the slices' amaxes are max-reduced over the ranks first (one [out, 1]
+    all-reduce per layer at load). The stored bytes are therefore the same at every tensor-parallel size."""
+    local = layer.rank_slice(param, loaded, shard_id)                                      # [rows, in of rank]
+    if not local.is_floating_point() or local.element_size() < 2:
         raise CheckpointError(f"quantizing at load (--quantization fp8) needs a bf16/fp16/fp32 weight, found "
-                              f"{loaded.dtype}")
-    rows, cols = loaded.shape
-    w_fp8 = torch.empty(rows, cols, dtype=FP8_DTYPE, device=param.device)                  # [rows, in]
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=param.device)                 # [rows, 1]
+                              f"{local.dtype}")
+    rows, cols = local.shape
     step = max(1, _QUANTIZE_CHUNK // max(cols, 1))
-    for r in range(0, rows, step):  # rows are independent per channel: the same bytes as all at once
-        w_fp8[r:r + step], scale[r:r + step] = quantize_weight_fp8(loaded[r:r + step].to(param.device), True)
-    _layer_load(layer, param, w_fp8, shard_id)
-    _layer_load(layer, layer.weight_scale, scale, shard_id)
-
-
+    amax = torch.empty(rows, 1, dtype=torch.float32, device=param.device)                  # [rows, 1]
+    for r in range(0, rows, step):  # chunks bound the fp32 temporaries; rows are independent
+        amax[r:r + step] = local[r:r + step].to(param.device).float().abs().amax(dim=1, keepdim=True)
+    if getattr(layer, "splits_input", False):
+        distributed.all_reduce(amax, op="max")
+    scale = fp8_scale(amax)                                                                 # [rows, 1]
+    w_fp8 = torch.empty(rows, cols, dtype=FP8_DTYPE, device=param.device)                  # [rows, in of rank]
+    for r in range(0, rows, step):  # quant.quantize_weight_fp8's formula (division, clamp, RNE cast)
+        chunk = local[r:r + step].to(param.device).float()
+        w_fp8[r:r + step] = (chunk / scale[r:r + step]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    layer.place(param, w_fp8, shard_id)
+    layer.place(layer.weight_scale, scale, shard_id)

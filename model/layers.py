@@ -56,9 +56,6 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, linear_method: LinearMethod | None, ops: KernelOps):
         super().__init__()
-        # Head counts are per rank; with one rank they are the model's.
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5
         self.ops = ops
@@ -66,9 +63,13 @@ class Attention(nn.Module):
         self.k_scale = 1.0
         self.v_scale = 1.0
         dtype = params_dtype(config)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                          linear_method, dtype)
-        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, linear_method, dtype)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, linear_method, dtype)
+        # Head counts are this rank's (the projection's shard); with one rank they are the model's.
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        linear_method, dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -101,7 +102,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         method = self.up_proj.linear_method
-        return method.squared_relu_mlp(self.up_proj, self.down_proj, x, self.ops)  # [T, hidden]
+        # The method runs down_proj's matmul itself (bypassing its forward), so the sum over ranks of the
+        # row-parallel down projection is added here; a no-op at one rank.
+        partial = method.squared_relu_mlp(self.up_proj, self.down_proj, x, self.ops)  # [T, hidden], this rank's
+        return self.down_proj.reduce(partial)                                         # [T, hidden]
 
 
 class DecoderLayer(nn.Module):

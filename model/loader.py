@@ -16,10 +16,12 @@ from collections.abc import Iterable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+from model import distributed
 from model.config import PRESETS, ModelConfig
 from model.errors import CheckpointError
 from model.fp8 import Fp8LinearMethod
 from model.layers import Attention
+from model.lazy_tensor import LazyTensor, materialize
 from model.nemotron import NemotronForCausalLM, hf_module_names
 from model.quant import UnquantizedLinearMethod
 from model.quant_config import (MODELOPT_CONFIG, QuantConfig, detect_quant_config, is_fp8_kv_cache,
@@ -76,7 +78,9 @@ def load_model(model: str, dtype: str = "auto", device: str = "cpu", load_format
     if load_format == "dummy":
         init_dummy_weights(net)
     else:
-        net.load_weights(_take_kv_scales(iter_safetensors(model), kv_scales))
+        # Under tensor parallelism each loader reads only its rank's slice of the memory-mapped files.
+        lazy = distributed.tp_world_size() > 1
+        net.load_weights(_take_kv_scales(iter_safetensors(model, lazy=lazy), kv_scales))
     if fp8_kv_cache:
         _set_kv_scales(net, kv_scales)
     net.requires_grad_(False)
@@ -154,6 +158,7 @@ def _take_kv_scales(weights: Iterable[tuple[str, torch.Tensor]],
         if target is None:
             yield name, tensor
             continue
+        tensor = materialize(tensor)  # one value, the same on every rank
         value = float(tensor.float().reshape(-1)[0]) if tensor.numel() == 1 else None
         if value is None or not math.isfinite(value) or value <= 0:
             raise CheckpointError(f"tensor {name!r}: a KV-cache scale must be one finite positive value, found "
@@ -194,13 +199,14 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> str:
     return _DTYPE_NAMES[dtype]
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: str, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
     """Yield (name, tensor) from a checkpoint directory's safetensors, one tensor at a time, memory-mapped.
 
     Reads `model.safetensors.index.json` and its shards when present, else `model.safetensors`, else any
     `*.safetensors`. Raises CheckpointError naming the file when one is missing, truncated or corrupt. Tensors
     come in their stored dtype: the model's weight loaders cast as they copy into the parameters, so a quantized
-    linear method can still see its checkpoint's own dtypes.
+    linear method can still see its checkpoint's own dtypes. lazy: yield LazyTensors (model/lazy_tensor.py), valid
+    until the next one, of which the loaders read only the slices they need.
     """
     for file in safetensors_files(path):
         try:
@@ -210,7 +216,8 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         with handle as f:
             for name in f.keys():
                 try:
-                    tensor = f.get_tensor(name)
+                    tensor = (LazyTensor(f, name, lambda e, file=file: unreadable_file_error(file, e)) if lazy
+                              else f.get_tensor(name))
                 except (SafetensorError, OSError) as e:
                     raise unreadable_file_error(file, e) from None
                 yield name, tensor

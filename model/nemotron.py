@@ -62,8 +62,11 @@ class NemotronForCausalLM(nn.Module):
         after the final norm. Writes the new tokens' K/V into the caches at attn_metadata.slot_mapping."""
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [N, vocab] fp32
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> logits [N, vocab] fp32; None on tensor-parallel ranks other than 0 (the
+        vocab-parallel lm_head gathers the logits there). Every rank must call it with the same N."""
+        logits = self.lm_head(hidden)  # [N, vocab] or None
+        return None if logits is None else logits.float()
 
     # ---- loading -------------------------------------------------------------------------------------------
 

@@ -41,13 +41,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default=None, metavar="fp8",
                    help="fp8: quantize a bf16/fp16/fp32 checkpoint at load (per-channel weights, dynamic per-token "
                         "activations); FP8 checkpoints (fp8, compressed-tensors, ModelOpt) are detected without it")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, choices=[1, 2, 4, 8],
+                   help="ranks (one process each) the model is split across; must divide the KV heads")
+    p.add_argument("--tp-timeout", type=float, default=600.0,
+                   help="seconds a tensor-parallel collective may wait before the engine is declared dead")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="fp8 (= fp8_e4m3): store K/V in FP8 E4M3 with the checkpoint's k/v scales (1.0 without); "
                         "auto: the model dtype")
 
 
 def _build_engine(args):
-    from server.api.tokenizer import Tokenizer
     from server.engine.engine import LLMEngine
 
     model_config = get_config(args.model)
@@ -69,9 +72,20 @@ def _build_engine(args):
         enable_prefix_caching=args.enable_prefix_caching, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory << 20, gpu_memory_utilization=args.gpu_memory_utilization,
         kernel_backend=args.kernel_backend or default_backend(), enforce_eager=args.enforce_eager, device=device,
-        kv_cache_dtype=args.kv_cache_dtype)
+        kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+        tp_timeout_s=args.tp_timeout)
     engine = LLMEngine.from_pretrained(args.model, engine_config, dtype=dtype, load_format=args.load_format,
                                        quantization=args.quantization)
+    try:
+        return _describe(args, engine, model_config, engine_config, device, max_model_len)
+    except BaseException:
+        engine.close()
+        raise
+
+
+def _describe(args, engine, model_config, engine_config, device, max_model_len):
+    from server.api.tokenizer import Tokenizer
+
     tokenizer_dir = args.model if os.path.isfile(os.path.join(args.model, "tokenizer.model")) else DEMO_MODEL
     if tokenizer_dir != args.model:
         logger.warning("%s has no tokenizer.model; using the demo model's tokenizer", args.model)
@@ -86,6 +100,10 @@ def _build_engine(args):
                 model_config.num_hidden_layers, model_config.hidden_size, weights, compute_dtype, device,
                 engine_config.kernel_backend, kv_dtype, engine.num_blocks, engine_config.block_size,
                 engine.num_blocks * engine_config.block_size, engine.max_concurrency, max_model_len)
+    if engine.executor is not None:
+        per_rank = ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in sorted(engine.executor.rank_param_bytes.items()))
+        logger.info("tensor parallel size %d (worker pids %s); weights %s", engine.tensor_parallel_size,
+                    ", ".join(str(p.pid) for p in engine.executor.procs), per_rank)
     return engine, tokenizer
 
 
@@ -106,18 +124,26 @@ def serve(args) -> None:
                                  max_request_body_bytes=args.max_request_body_bytes,
                                  shutdown_timeout=args.shutdown_timeout)
     engine, tokenizer = _build_engine(args)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = build_app(AsyncEngine(engine), tokenizer, name, server_config)
-    logger.info("serving %r on http://%s:%d%s", name, args.host, args.port,
-                " (API key required)" if server_config.api_key else "")
-    lifecycle.run(app, args.host, args.port, args.log_level, server_config.shutdown_timeout)
+    try:
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+        app = build_app(AsyncEngine(engine), tokenizer, name, server_config)
+        logger.info("serving %r on http://%s:%d%s", name, args.host, args.port,
+                    " (API key required)" if server_config.api_key else "")
+        lifecycle.run(app, args.host, args.port, args.log_level, server_config.shutdown_timeout)
+    finally:
+        engine.close()  # the other tensor-parallel ranks, however serving ended
 
 
 def generate(args) -> None:
+    engine, tokenizer = _build_engine(args)
+    with engine:
+        _generate(args, engine, tokenizer)
+
+
+def _generate(args, engine, tokenizer) -> None:
     from server.api.output import ChoiceProcessor
     from server.engine.sampling import SamplingParams
 
-    engine, tokenizer = _build_engine(args)
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
         stop_ids = tuple(tokenizer.chat_stop_token_ids)

@@ -9,6 +9,10 @@ On SIGTERM (or a first Ctrl-C):
 4. Once the last response is out, the lifespan stops the engine thread and the process exits 0.
 A second Ctrl-C exits at once; uvicorn's own deadline (--shutdown-timeout + GRACE_SECONDS) cancels any handler
 that still hangs after the aborts.
+
+A fatal engine failure (a tensor-parallel rank died or hung) ends serving at once: in-flight requests have
+already received the error, /health answers 503 until the socket closes, and the process exits with status 1
+and a message naming the rank.
 """
 from __future__ import annotations
 
@@ -47,6 +51,12 @@ class _DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.n4_app = app
         self.drain_timeout = timeout
+        self.fatal: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """The engine cannot go on (called from any thread): stop serving; run() then exits non-zero."""
+        self.fatal = error
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -62,6 +72,10 @@ def run(app: FastAPI, host: str, port: int, log_level: str, shutdown_timeout: fl
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + GRACE_SECONDS)
     server = _DrainingServer(config, app, shutdown_timeout)
+    app.state.engine.fatal_callbacks.append(server.fail)
     server.run()
+    if server.fatal is not None:
+        logger.error("n4 stopped: %s", server.fatal)
+        raise SystemExit(f"n4: the engine failed: {server.fatal}")
     if not server.started:
         raise SystemExit(3)   # uvicorn's status for a failed startup (e.g. the port is taken)

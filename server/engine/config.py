@@ -20,6 +20,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"         # auto (the model dtype) | fp8 / fp8_e4m3 (E4M3 with per-layer scales)
     enforce_eager: bool = False          # True: no CUDA graphs for decode steps
     device: str = "cpu"
+    tensor_parallel_size: int = 1        # ranks; ranks 1..N-1 are worker processes (server/engine/worker.py)
+    tp_timeout_s: float = 600.0          # a collective waiting longer than this marks the engine dead
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -34,6 +36,10 @@ class EngineConfig:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kernel_backend not in ("torch", "triton"):
             raise ValueError(f"--kernel-backend must be 'torch' or 'triton', got {self.kernel_backend!r}")
+        if self.tensor_parallel_size not in (1, 2, 4, 8):
+            raise ValueError(f"--tensor-parallel-size must be 1, 2, 4 or 8, got {self.tensor_parallel_size!r}")
+        if not self.tp_timeout_s > 0:
+            raise ValueError(f"the tensor-parallel timeout must be positive, got {self.tp_timeout_s!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
                              f"{self.kv_cache_dtype!r}")

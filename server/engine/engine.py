@@ -4,6 +4,7 @@ never waits on the model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -13,7 +14,8 @@ from typing import AsyncIterator
 
 import torch
 
-from model.config import ModelConfig
+from model import distributed
+from model.config import ModelConfig, get_config
 from model.loader import load_model
 from model.quant import FP8_DTYPE
 from model.quant_config import is_fp8_kv_cache
@@ -24,6 +26,7 @@ from server.engine.request import Request, RequestStatus
 from server.engine.sampler import TokenLogprobs
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
+from server.engine.worker import LoadSpec, TPExecutor, WorkerFailure, param_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +55,10 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
-                 kv_cache_dtype: torch.dtype | None = None):
+                 kv_cache_dtype: torch.dtype | None = None, executor: TPExecutor | None = None):
         self.model_config = model_config
         self.config = engine_config
+        self.executor = executor  # the other tensor-parallel ranks (from_pretrained starts them), or None
         # The KV cache: E4M3 for --kv-cache-dtype fp8 (each Attention holds its k/v scales), else the model dtype.
         # Blocks from memory are counted with this dtype's element size, so FP8 holds twice the tokens of bf16.
         kv_dtype = kv_cache_dtype or (FP8_DTYPE if is_fp8_kv_cache(engine_config.kv_cache_dtype)
@@ -64,18 +68,53 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_blocks, engine_config.block_size,
                                           engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(engine_config, self.block_manager)
-        self.runner = ModelRunner(model, model_config, engine_config, self.num_blocks, kv_dtype)
+        if executor is not None:  # rank 0 sized the pool; every rank allocates the same blocks of its own heads
+            executor.allocate_kv_caches(self.num_blocks, kv_dtype)
+        self.runner = ModelRunner(model, model_config, engine_config, self.num_blocks, kv_dtype, executor)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
 
     @classmethod
     def from_pretrained(cls, model: str, engine_config: EngineConfig, dtype: str = "auto",
                         load_format: str = "auto", quantization: str | None = None) -> "LLMEngine":
-        """quantization: None (FP8 checkpoints are detected) or "fp8" (quantize a bf16/fp16/fp32 one at load)."""
-        module, config = load_model(model, dtype=dtype, device=engine_config.device, load_format=load_format,
-                                    kernel_backend=engine_config.kernel_backend, quantization=quantization,
-                                    kv_cache_dtype=engine_config.kv_cache_dtype)
-        return cls(module, config, engine_config)
+        """quantization: None (FP8 checkpoints are detected) or "fp8" (quantize a bf16/fp16/fp32 one at load).
+        With engine_config.tensor_parallel_size N > 1 this process becomes rank 0 and starts ranks 1..N-1; call
+        close() (or use the engine as a context manager) to stop them."""
+        tp = engine_config.tensor_parallel_size
+        if tp == 1:
+            module, config = load_model(model, dtype=dtype, device=engine_config.device, load_format=load_format,
+                                        kernel_backend=engine_config.kernel_backend, quantization=quantization,
+                                        kv_cache_dtype=engine_config.kv_cache_dtype)
+            return cls(module, config, engine_config)
+        _check_tp_divides(get_config(model), tp)
+        executor = TPExecutor(tp, LoadSpec(model, dtype, load_format, quantization), engine_config)
+        try:
+            executor.start()
+            distributed.init_tensor_parallel(0, tp, executor.init_method, engine_config.device,
+                                             engine_config.tp_timeout_s)
+            module, config = load_model(model, dtype=dtype, device=engine_config.device, load_format=load_format,
+                                        kernel_backend=engine_config.kernel_backend, quantization=quantization,
+                                        kv_cache_dtype=engine_config.kv_cache_dtype)
+            executor.wait_loaded(param_bytes(module))
+            return cls(module, config, engine_config, executor=executor)
+        except BaseException:
+            executor.shutdown()
+            raise
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.config.tensor_parallel_size
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op at TP=1). Idempotent."""
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- sizing -------------------------------------------------------------------------------------------
     def _blocks_from_memory(self, kv_dtype: torch.dtype) -> int:
@@ -186,6 +225,15 @@ class LLMEngine:
         self.runner.free_request(request.request_id)
 
 
+def _check_tp_divides(config: ModelConfig, tp: int) -> None:
+    """Checked before any process starts, so a bad -tp fails at once with the reason."""
+    if config.num_key_value_heads % tp:
+        raise ValueError(f"--tensor-parallel-size {tp} must divide the model's {config.num_key_value_heads} KV "
+                         f"heads: each rank holds whole KV heads and their query heads")
+    if config.intermediate_size % tp:
+        raise ValueError(f"--tensor-parallel-size {tp} must divide the MLP width ({config.intermediate_size})")
+
+
 class EngineDeadError(RuntimeError):
     pass
 
@@ -203,6 +251,12 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.error: BaseException | None = None
+        # Called (from any thread) when the engine dies in a way the process cannot recover from: a tensor-parallel
+        # rank failed. The server registers its exit here.
+        self.fatal_callbacks: list = []
+        self._fatal_lock = threading.Lock()
+        if engine.executor is not None:
+            engine.executor.on_failure.append(self._die)
 
     @property
     def is_running(self) -> bool:
@@ -214,10 +268,26 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread, then the other tensor-parallel ranks."""
         self._stopping.set()
         self._commands.put(("wake", None))
         if self._thread is not None:
             self._thread.join(timeout)
+        self.engine.close()
+
+    def _die(self, error: BaseException) -> None:
+        """Mark the engine dead (health 503, every stream gets the error) and run the fatal callbacks once."""
+        with self._fatal_lock:
+            first = self.error is None
+            if first:
+                self.error = error
+        if not first:
+            return
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may already be closed at exit
+                self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine failed: {error}"))
+        for callback in list(self.fatal_callbacks):
+            callback(error)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -259,6 +329,11 @@ class AsyncEngine:
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
         except BaseException as e:  # noqa: BLE001 — any failure kills the engine; every waiter must hear of it
+            if isinstance(e, WorkerFailure) or self.engine.executor is not None:
+                # The tensor-parallel group is broken (or out of step): nothing can run again; the server exits.
+                logger.error("engine step failed: %s", e)
+                self._die(e if isinstance(e, WorkerFailure) else WorkerFailure(f"rank 0 failed: {e!r}"))
+                return
             logger.exception("engine step failed")
             self.error = e
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine failed: {e!r}"))

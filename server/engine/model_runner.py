@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model import distributed
 from model.attention_metadata import AttentionMetadata
 from model.config import ModelConfig
 from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.sampler import Sampler, TokenLogprobs, compute_prompt_logprobs
 from server.engine.scheduler import ScheduledRequest, SchedulerOutput
+from server.engine.worker import TPExecutor, allocate_kv_caches, run_forward
 
 logger = logging.getLogger(__name__)
 
@@ -26,27 +28,26 @@ class RunnerOutput:
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block on this rank (which holds num_key_value_heads / tensor-parallel size heads)."""
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
+    heads = config.num_key_value_heads // distributed.tp_world_size()
+    return 2 * config.num_hidden_layers * block_size * heads * config.head_dim * element
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
-                 num_blocks: int, kv_cache_dtype: torch.dtype):
+                 num_blocks: int, kv_cache_dtype: torch.dtype, executor: TPExecutor | None = None):
         self.model = model
         self.model_config = model_config
         self.block_size = engine_config.block_size
         self.device = torch.device(engine_config.device)
-        c = model_config
-        # One tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim].
-        self.kv_caches = [
-            torch.zeros(2, num_blocks, self.block_size, c.num_key_value_heads, c.head_dim, dtype=kv_cache_dtype,
-                        device=self.device)
-            for _ in range(c.num_hidden_layers)
-        ]
+        self.executor = executor  # ranks 1..N-1 under tensor parallelism, else None
+        # One tensor per layer: [2 (K, V), num_blocks, block_size, this rank's KV heads, head_dim].
+        self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, kv_cache_dtype, self.device)
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not engine_config.enforce_eager:
+        # CUDA graphs would have to capture the collectives too; under TP steps run eagerly (not measured yet).
+        if self.device.type == "cuda" and not engine_config.enforce_eager and executor is None:
             max_blocks = -(-engine_config.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(model, self.kv_caches, engine_config.max_num_seqs, max_blocks,
                                        engine_config.max_model_len, self.device)
@@ -58,18 +59,25 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
         input_ids, positions, metadata = self._prepare_inputs(batch.scheduled)
-        if self.graphs is not None and self.graphs.can_run(metadata):
-            hidden = self.graphs.run(input_ids, positions, metadata)         # [T, hidden]
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
-
         # Only rows that need logits go through lm_head (a 256k-wide GEMM on the real models).
         sample_rows, prompt_rows, prompt_spans = self._logit_rows(batch.scheduled)
         rows = sample_rows + prompt_rows
         output = RunnerOutput()
-        if not rows:
-            return output
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, vocab] fp32
+        if self.executor is not None:
+            row_ids = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [N]
+            with self.executor.guard():
+                self.executor.send_step(input_ids, positions, metadata, row_ids)
+                logits = run_forward(self.model, self.kv_caches, input_ids, positions, metadata, row_ids)
+            if not rows:
+                return output
+        else:
+            if self.graphs is not None and self.graphs.can_run(metadata):
+                hidden = self.graphs.run(input_ids, positions, metadata)         # [T, hidden]
+            else:
+                hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
+            if not rows:
+                return output
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, vocab] fp32
 
         sampled = [s.request for s in batch.scheduled if s.needs_sample]
         if sampled:
