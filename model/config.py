@@ -6,6 +6,10 @@ import os
 from dataclasses import asdict, dataclass, replace
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# The config.json marker of a reward checkpoint, and its head width when `num_labels` is absent (Nemotron-4-340B-
+# Reward: 9 outputs, the last 5 the HelpSteer2 attributes).
+REWARD_ARCHITECTURE = "NemotronForRewardModel"
+REWARD_NUM_LABELS = 9
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,10 @@ class ModelConfig:
     bos_token_id: int | None = 2
     eos_token_id: int | None = 3
     torch_dtype: str = "bfloat16"
+    # 0: a causal LM (lm_head [vocab, hidden]). > 0: a reward model (the Nemotron-4-340B-Reward layout), whose
+    # lm_head is a linear head [num_labels, hidden] read at the last token. config.json marks it with
+    # `architectures: ["NemotronForRewardModel"]` (and `num_labels`, 9 when absent).
+    num_labels: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -38,6 +46,8 @@ class ModelConfig:
             raise ValueError(f"model config: partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.rotary_dim % 2:
             raise ValueError(f"model config: rotary dims ({self.rotary_dim}) must be even")
+        if not isinstance(self.num_labels, int) or self.num_labels < 0:
+            raise ValueError(f"model config: num_labels must be a non-negative integer, got {self.num_labels!r}")
         if self.torch_dtype not in _DTYPES:
             raise ValueError(f"model config: torch_dtype must be one of {_DTYPES}, got {self.torch_dtype!r}")
 
@@ -45,6 +55,10 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Dims of each head that RoPE rotates (the first ones); the rest pass through."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def is_reward(self) -> bool:
+        return self.num_labels > 0
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -71,6 +85,7 @@ class ModelConfig:
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         dtype = hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
+        reward = REWARD_ARCHITECTURE in (hf.get("architectures") or ())
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -86,6 +101,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id", 2),
             eos_token_id=_first(hf.get("eos_token_id", 3)),
             torch_dtype=dtype if dtype in _DTYPES else "bfloat16",
+            num_labels=hf.get("num_labels", REWARD_NUM_LABELS) if reward else 0,
         )
 
     @classmethod
@@ -102,8 +118,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict:
         """An HF `config.json` dict in the transformers 4.x layout (which 5.x also reads)."""
-        return {
-            "architectures": ["NemotronForCausalLM"],
+        hf = {
+            "architectures": [REWARD_ARCHITECTURE if self.is_reward else "NemotronForCausalLM"],
             "model_type": "nemotron",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -124,6 +140,9 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "torch_dtype": self.torch_dtype,
         }
+        if self.is_reward:
+            hf["num_labels"] = self.num_labels
+        return hf
 
     def with_(self, **changes) -> "ModelConfig":
         return replace(self, **changes)

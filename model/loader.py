@@ -1,5 +1,6 @@
-"""Build a NemotronForCausalLM from an HF checkpoint directory (safetensors, single file or sharded with an index)
-or from a preset with random weights (`load_format="dummy"`, for benchmarks and tests).
+"""Build a NemotronForCausalLM (a NemotronForRewardModel for a reward checkpoint) from an HF checkpoint directory
+(safetensors, single file or sharded with an index) or from a preset with random weights (`load_format="dummy"`,
+for benchmarks and tests).
 
 FP8: the checkpoint's format is detected from its configs (model/quant_config.py) and selects the FP8 linear
 method (model/fp8.py); `quantization="fp8"` quantizes a high-precision checkpoint while it streams in. KV-cache
@@ -22,7 +23,7 @@ from model.errors import CheckpointError
 from model.fp8 import Fp8LinearMethod
 from model.layers import Attention
 from model.lazy_tensor import LazyTensor, materialize
-from model.nemotron import NemotronForCausalLM, hf_module_names
+from model.nemotron import NemotronForCausalLM, hf_module_names, model_class
 from model.quant import UnquantizedLinearMethod
 from model.quant_config import (MODELOPT_CONFIG, QuantConfig, detect_quant_config, is_fp8_kv_cache,
                                 kv_scale_target, resolve_quantization)
@@ -71,7 +72,7 @@ def load_model(model: str, dtype: str = "auto", device: str = "cpu", load_format
 
     with torch.device(device):
         method = Fp8LinearMethod(quant, kernel_backend) if quant is not None else None
-        net = NemotronForCausalLM(config, linear_method=method, kernel_backend=kernel_backend)
+        net = model_class(config)(config, linear_method=method, kernel_backend=kernel_backend)
         if quant is not None:
             _leave_ignored_unquantized(net, quant)
     kv_scales: dict[str, dict[str, float]] = {}

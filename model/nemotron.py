@@ -16,7 +16,7 @@ from model.config import ModelConfig
 from model.errors import CheckpointError
 from model.layers import DecoderLayer, LayerNorm1P, RotaryEmbedding, params_dtype
 from model.ops import get_ops
-from model.parallel import ParallelLMHead, VocabParallelEmbedding, default_weight_loader
+from model.parallel import ParallelLMHead, RewardHead, VocabParallelEmbedding, default_weight_loader
 from model.quant import LinearMethod, UnquantizedLinearMethod
 
 # (fused module, HF module, shard id): checkpoint tensors that load into part of a fused parameter.
@@ -54,7 +54,11 @@ class NemotronForCausalLM(nn.Module):
         self.kernel_backend = kernel_backend
         self.linear_method = linear_method or UnquantizedLinearMethod()
         self.model = NemotronModel(config, self.linear_method, kernel_backend)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype(config))
+        self.lm_head = self._make_head(config)
+
+    @staticmethod
+    def _make_head(config: ModelConfig) -> nn.Module:
+        return ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype(config))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -113,6 +117,36 @@ class NemotronForCausalLM(nn.Module):
             method = getattr(module, "linear_method", None)
             if method is not None and module is not self:
                 method.process_weights_after_loading(module)
+
+
+# Other names reward checkpoints give their head (transformers' sequence-classification name, NeMo-Aligner's).
+_REWARD_HEAD_ALIASES = {"score.weight": "lm_head.weight", "reward_head.weight": "lm_head.weight"}
+
+
+class NemotronForRewardModel(NemotronForCausalLM):
+    """Nemotron-4-340B-Reward: the base model with lm_head replaced by a linear head to config.num_labels (9) values,
+    read at the last token of each sequence. The checkpoint's config.json says `architectures:
+    ["NemotronForRewardModel"]`; the head is the tensor `lm_head.weight` [num_labels, hidden] (also read as
+    `score.weight` or `reward_head.weight`). The head is replicated on every rank and computed in fp32 on rank 0."""
+
+    @staticmethod
+    def _make_head(config: ModelConfig) -> nn.Module:
+        return RewardHead(config.num_labels, config.hidden_size)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> the head's values [N, num_labels] fp32 on rank 0, None on the other ranks. Named
+        like the causal LM's method so one step path (model_runner, worker) serves both."""
+        return self.lm_head(hidden)  # [N, num_labels] or None
+
+    compute_rewards = compute_logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights((_REWARD_HEAD_ALIASES.get(name, name), tensor) for name, tensor in weights)
+
+
+def model_class(config: ModelConfig) -> type[NemotronForCausalLM]:
+    """The model class a config needs: NemotronForRewardModel for a reward checkpoint, else NemotronForCausalLM."""
+    return NemotronForRewardModel if config.is_reward else NemotronForCausalLM
 
 
 def _param_name(hf_name: str) -> tuple[str, str | None]:

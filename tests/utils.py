@@ -65,6 +65,32 @@ def make_tiny_checkpoint(path: str | os.PathLike, config: ModelConfig, seed: int
     return str(path)
 
 
+def make_tiny_reward_checkpoint(path: str | os.PathLike, config: ModelConfig, seed: int = 0, num_labels: int = 9,
+                                head_name: str = "lm_head.weight", head_std: float = 0.1) -> str:
+    """A Nemotron-4-340B-Reward-layout checkpoint: `make_tiny_checkpoint(path, config, seed)` (so its base weights are
+    those of `hf_model(config, seed)`) with lm_head.weight replaced by a seeded random fp32 head [num_labels, hidden]
+    stored as `head_name`, and config.json marked `architectures: ["NemotronForRewardModel"]`, `num_labels`.
+    head_std 0.1 gives values of std ~1 at hidden 64 (measured), the scale of the real model's 0-4 attributes."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_checkpoint(path, config, seed)
+    weights_path = os.path.join(path, "model.safetensors")
+    weights = load_file(weights_path)
+    del weights["lm_head.weight"]
+    generator = torch.Generator().manual_seed(seed + 1)
+    weights[head_name] = torch.randn(num_labels, config.hidden_size, generator=generator) * head_std
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        hf = json.load(f)
+    hf.update(architectures=["NemotronForRewardModel"], num_labels=num_labels)
+    with open(config_path, "w") as f:
+        json.dump(hf, f, indent=2)
+    return str(path)
+
+
 def our_model_from_hf(hf, config: ModelConfig):
     """NemotronForCausalLM with the weights of the HF model `hf`, loaded through load_weights."""
     from model.nemotron import NemotronForCausalLM

