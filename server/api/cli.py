@@ -107,6 +107,15 @@ def _describe(args, engine, model_config, engine_config, device, max_model_len):
     return engine, tokenizer
 
 
+def _leave_a_core_for_the_server() -> None:
+    """On the CPU the engine thread's torch ops, the HTTP event loop (and often the client) share the cores; torch
+    defaulting to every core makes its intra-op workers spin against them. Measured on 2 cores, 8 concurrent
+    streams of the demo model: ~1040 output tok/s with 1 torch thread vs ~870 with 2. OMP_NUM_THREADS wins."""
+    import torch
+    if "OMP_NUM_THREADS" not in os.environ and (os.cpu_count() or 1) > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+
+
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -123,6 +132,8 @@ def serve(args) -> None:
                                  max_queue_len=args.max_queue_len,
                                  max_request_body_bytes=args.max_request_body_bytes,
                                  shutdown_timeout=args.shutdown_timeout)
+    if not _cuda_available():
+        _leave_a_core_for_the_server()
     engine, tokenizer = _build_engine(args)
     try:
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))

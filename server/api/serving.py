@@ -188,26 +188,31 @@ class OpenAIServing:
 
     async def _deltas(self, request_id: str, choices: list[_Choice]) -> AsyncIterator[ChoiceDelta]:
         """Runs every choice concurrently and yields their deltas as they come. Cancelling the consumer (a
-        client that went away) cancels every choice, which aborts its engine request and frees its blocks."""
+        client that went away) cancels every choice, which aborts its engine request and frees its blocks.
+        Each choice task ends by putting itself in the sink, so the consumer needs one queue get per item (no
+        asyncio.wait per token: this runs once per generated token of every stream)."""
         sink: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._run_choice(request_id, c, sink)) for c in choices]
-        pending = set(tasks)
+
+        async def run(choice: _Choice) -> None:
+            try:
+                await self._run_choice(request_id, choice, sink)
+            finally:
+                sink.put_nowait(task_of[choice.index])
+
+        task_of: dict[int, asyncio.Task] = {}
+        for c in choices:
+            task_of[c.index] = asyncio.create_task(run(c))
+        running = len(choices)
         try:
-            while pending or not sink.empty():
-                if sink.empty():
-                    getter = asyncio.ensure_future(sink.get())
-                    done, _ = await asyncio.wait(pending | {getter}, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done - {getter}:
-                        pending.discard(task)
-                        task.result()  # re-raise an engine error here
-                    if getter in done:
-                        yield getter.result()
-                    else:
-                        getter.cancel()
+            while running:
+                item = await sink.get()
+                if isinstance(item, asyncio.Task):
+                    running -= 1
+                    item.result()  # re-raise an engine error here
                 else:
-                    yield sink.get_nowait()
+                    yield item
         finally:
-            for task in tasks:
+            for task in task_of.values():
                 task.cancel()
 
     # ---- completions --------------------------------------------------------------------------------------
