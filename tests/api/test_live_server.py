@@ -55,3 +55,48 @@ def test_errors_reach_the_client_and_server_survives(client):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     models = client.models.list()
     assert [m.id for m in models.data] == ["demo"]
+
+
+CHAT_PARAMS = dict(
+    model="demo", n=2, temperature=0.9, top_p=0.95, seed=7, stop=["\n\n", "###"], presence_penalty=0.5,
+    frequency_penalty=0.3, logit_bias={"100": -100}, logprobs=True, top_logprobs=3, max_completion_tokens=12,
+    user="test-user",
+    messages=[{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}],
+    extra_body={"top_k": 40, "min_p": 0.01, "repetition_penalty": 1.1, "min_tokens": 2, "ignore_eos": True,
+                "stop_token_ids": [7]},
+)
+
+
+def test_every_chat_parameter_through_the_client(client):
+    r = client.chat.completions.create(**CHAT_PARAMS)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    for choice in r.choices:
+        assert choice.finish_reason in ("stop", "length")
+        assert all(len(t.top_logprobs) == 3 for t in choice.logprobs.content)
+        assert all(t.token != "token_id:100" for t in choice.logprobs.content)
+    # Streaming, same parameters: two choices, each with exactly one finish_reason, then the usage chunk.
+    chunks = list(client.chat.completions.create(**CHAT_PARAMS, stream=True, stream_options={"include_usage": True}))
+    finishes = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                finishes[choice.index] = finishes.get(choice.index, 0) + 1
+    assert finishes == {0: 1, 1: 1}
+    assert chunks[-1].usage.completion_tokens >= 4   # min_tokens 2 for each of 2 choices
+
+
+def test_every_completion_parameter_through_the_client(client):
+    kwargs = dict(model="demo", prompt=["The answer", "Another prompt"], max_tokens=6, n=2, echo=True, logprobs=2,
+                  temperature=0.7, top_p=0.9, seed=3, stop=["###"], presence_penalty=0.2, frequency_penalty=0.2,
+                  logit_bias={"5": -100}, user="u", extra_body={"top_k": 20, "min_tokens": 1, "ignore_eos": True})
+    r = client.completions.create(**kwargs)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    for choice in r.choices:
+        assert choice.text.startswith(("The answer", "Another prompt"))     # echo
+        assert choice.logprobs.token_logprobs[0] is None                    # echoed first token has no logprob
+        assert all(len(top) >= 1 for top in choice.logprobs.top_logprobs[1:])
+    stream = client.completions.create(**{**kwargs, "echo": False, "prompt": "The answer"}, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 12   # 2 choices x 6 tokens (ignore_eos)
