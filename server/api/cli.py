@@ -134,7 +134,11 @@ def serve(args) -> None:
                                  shutdown_timeout=args.shutdown_timeout)
     if not _cuda_available():
         _leave_a_core_for_the_server()
-    engine, tokenizer = _build_engine(args)
+    loading = lifecycle.LoadingResponder(args.host, args.port).start()   # /health 503 until the model is up
+    try:
+        engine, tokenizer = _build_engine(args)
+    finally:
+        loading.stop()
     try:
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
         app = build_app(AsyncEngine(engine), tokenizer, name, server_config)

@@ -79,3 +79,39 @@ def run(app: FastAPI, host: str, port: int, log_level: str, shutdown_timeout: fl
         raise SystemExit(f"n4: the engine failed: {server.fatal}")
     if not server.started:
         raise SystemExit(3)   # uvicorn's status for a failed startup (e.g. the port is taken)
+
+
+class LoadingResponder:
+    """Answers on the serving port while the model loads: /health 503 with an empty body, every other request
+    503 in the OpenAI envelope (code "loading"), so that orchestrators and clients see "not ready" instead of a
+    refused connection. Stopped (socket closed) right before the real app binds the same port; the gap between
+    the two is a few milliseconds of refused connections."""
+
+    def __init__(self, host: str, port: int):
+        import threading
+        self._server = uvicorn.Server(uvicorn.Config(self._app, host=host, port=port, log_level="warning",
+                                                     lifespan="off"))
+        self._server.install_signal_handlers = lambda: None   # the main thread keeps its own handlers
+        self._thread = threading.Thread(target=self._server.run, name="n4-loading", daemon=True)
+
+    def start(self) -> "LoadingResponder":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    @staticmethod
+    async def _app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/health":
+            body, headers = b"", []
+        else:
+            body = b'{"error": {"message": "The model is loading; retry shortly.", "type": "service_unavailable", ' \
+                   b'"param": null, "code": "loading"}}'
+            headers = [(b"content-type", b"application/json"), (b"retry-after", b"5")]
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
