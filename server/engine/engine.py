@@ -8,7 +8,6 @@ import contextlib
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -190,7 +189,6 @@ class LLMEngine:
         return self._postprocess(batch, result, finished)
 
     def _postprocess(self, batch, result: RunnerOutput, finished: list[Request]) -> list[RequestOutput]:
-        now = time.monotonic()
         finished_ids = {r.request_id for r in finished}
         outputs = []
         for s in batch.scheduled:
@@ -202,8 +200,6 @@ class LLMEngine:
             if token is not None:
                 out.new_token_ids.append(token)
                 self.stats.generation_tokens += 1
-                if request.first_token_time is None:
-                    request.first_token_time = now
                 if request.request_id in result.logprobs:
                     out.new_logprobs.append(result.logprobs[request.request_id])
             out.reward = result.rewards.get(request.request_id)
