@@ -1,0 +1,223 @@
+"""The stages behind `n4-train pretrain|sft|rm|dpo|rpo`: each builds its data, model and objective, runs the
+shared Trainer, and exports an HF checkpoint (loadable by `n4 serve` and transformers) into --output."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from n4_train import data as D
+from n4_train.checkpoint import build_model, export_hf
+from n4_train.losses import (dpo_loss, lm_loss_sum, reward_regression_sum, rpo_loss, sequence_logprobs)
+from n4_train.modeling import TrainableNemotron
+from n4_train.precision import resolve_precision
+from n4_train.tokenization import TrainTokenizer
+from n4_train.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class StageResult:
+    output_dir: str
+    summary: dict
+
+
+def _setup(args, reward: bool = False):
+    torch.manual_seed(args.seed)
+    precision = resolve_precision(args.precision, args.device)
+    tokenizer = TrainTokenizer(args.tokenizer or args.model)
+    net = build_model(args.model, precision, reward=reward, seed=args.seed)
+    if tokenizer.vocab_size > net.config.vocab_size:
+        raise D.DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                          f"{net.config.vocab_size}")
+    train_config = TrainConfig(
+        output_dir=args.output, max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
+        clip_grad=args.clip_grad, save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
+    return precision, tokenizer, net, train_config
+
+
+def _finish(trainer: Trainer, args, tokenizer_dir: str, extra: dict) -> StageResult:
+    if args.resume and trainer.resume():
+        print(f"resumed from step {trainer.step}")
+    summary = trainer.train()
+    summary.update(extra)
+    export_hf(trainer.model, args.output, tokenizer_dir, args.export_dtype)
+    with open(os.path.join(args.output, "training_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    return StageResult(args.output, summary)
+
+
+def _tokenizer_dir(args) -> str:
+    path = args.tokenizer or args.model
+    return os.path.dirname(path) if os.path.isfile(path) else path
+
+
+# ---- causal LM: pretraining and SFT -----------------------------------------------------------------------------
+
+def _lm_objective(model: TrainableNemotron, batch: dict):
+    logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])  # [B, S, V] fp32
+    loss, _ = lm_loss_sum(logits, batch["labels"])
+    return loss, {}
+
+
+def _lm_count(batch: dict) -> int:
+    return int((batch["labels"] != D.IGNORE).sum())
+
+
+@torch.no_grad()
+def lm_evaluation(model: TrainableNemotron, rows: D.Rows, batch_size: int, device) -> dict:
+    """Mean next-token loss (nats) and perplexity over every trained token of `rows`."""
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in rows.select(torch.arange(start, min(start + batch_size, len(rows)))).items()}
+        loss, n = lm_loss_sum(model(batch["input_ids"], batch["position_ids"], batch["segment_ids"]), batch["labels"])
+        total, count = total + float(loss), count + n
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": count}
+
+
+def run_lm(args, chat: bool) -> StageResult:
+    precision, tokenizer, net, config = _setup(args)
+    if chat:
+        rows, skipped = D.chat_rows(args.data, tokenizer, args.seq_len)
+        eval_rows = D.chat_rows(args.eval_data, tokenizer, args.seq_len)[0] if args.eval_data else None
+    else:
+        rows, skipped = D.pretraining_rows(args.data, tokenizer, args.seq_len), 0
+        eval_rows = D.pretraining_rows(args.eval_data, tokenizer, args.seq_len) if args.eval_data else None
+    print(f"{len(rows)} rows of {args.seq_len} tokens, {rows.trained_tokens} trained tokens"
+          + (f", {skipped} conversations longer than a row skipped" if skipped else ""))
+    evaluate = (lambda: lm_evaluation(net, eval_rows, args.batch_size, precision.device)) if eval_rows else None
+    trainer = Trainer(net, precision, config, D.Batches(rows, args.batch_size, args.seed), _lm_objective, _lm_count,
+                      evaluate)
+    extra = {"train_rows": len(rows), "trained_tokens_per_epoch": rows.trained_tokens, "skipped": skipped,
+             "uniform_baseline_loss": float(torch.tensor(float(net.config.vocab_size)).log())}
+    return _finish(trainer, args, _tokenizer_dir(args), extra)
+
+
+# ---- reward model ------------------------------------------------------------------------------------------------
+
+def reward_values(model: TrainableNemotron, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """[B, S] right-padded rows -> the head's values at each row's last token [B, num_labels] fp32."""
+    hidden = model.hidden_states(input_ids)                                   # [B, S, hidden]
+    at_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, hidden]
+    return model.lm_head(at_last).float()                                     # [B, num_labels]
+
+
+def _rm_objective(model, batch):
+    values = reward_values(model, batch["input_ids"], batch["last"])
+    return reward_regression_sum(values, batch["targets"]), {}
+
+
+@torch.no_grad()
+def rm_evaluation(model: TrainableNemotron, rows: D.RewardRows, batch_size: int, device) -> dict:
+    """Per attribute: Pearson correlation and mean squared error of the prediction on held-out rows."""
+    predicted = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows.select(torch.arange(start, min(start + batch_size, len(rows))))
+        predicted.append(reward_values(model, batch["input_ids"].to(device), batch["last"].to(device))[:, -5:].cpu())
+    predicted = torch.cat(predicted)                                          # [N, 5]
+    result = {}
+    for i, name in enumerate(D.ATTRIBUTES):
+        x, y = predicted[:, i].double(), rows.targets[:, i].double()
+        r = torch.corrcoef(torch.stack([x, y]))[0, 1]
+        result[name] = {"pearson": float(r), "mse": float((x - y).square().mean())}
+    return result
+
+
+def run_rm(args) -> StageResult:
+    precision, tokenizer, net, config = _setup(args, reward=True)
+    rows, skipped = D.helpsteer_rows(args.data[0], tokenizer, args.seq_len)
+    eval_rows = D.helpsteer_rows(args.eval_data[0], tokenizer, args.seq_len)[0] if args.eval_data else None
+    print(f"{len(rows)} reward rows" + (f", {skipped} longer than {args.seq_len} tokens skipped" if skipped else ""))
+    evaluate = (lambda: rm_evaluation(net, eval_rows, args.batch_size, precision.device)) if eval_rows else None
+    trainer = Trainer(net, precision, config, D.Batches(rows, args.batch_size, args.seed), _rm_objective,
+                      lambda batch: batch["targets"].numel(), evaluate)
+    return _finish(trainer, args, _tokenizer_dir(args), {"train_rows": len(rows), "skipped": skipped})
+
+
+# ---- DPO / RPO ---------------------------------------------------------------------------------------------------
+
+def pair_logprobs(model: TrainableNemotron, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the chosen and rejected sides [B] each."""
+    chosen = sequence_logprobs(model(batch["chosen"]), batch["chosen_labels"])
+    rejected = sequence_logprobs(model(batch["rejected"]), batch["rejected_labels"])
+    return chosen, rejected
+
+
+def reference_logprobs(model: TrainableNemotron, rows: D.PreferenceRows, batch_size: int, device) -> torch.Tensor:
+    """The frozen reference's log-probs [N, 2], computed once before training (the reference is the initial
+    policy, so no second model stays in memory)."""
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in rows.select(torch.arange(start, min(start + batch_size, len(rows)))).items()}
+            out.append(torch.stack(pair_logprobs(model, batch), dim=-1).cpu())
+    model.train()
+    return torch.cat(out)
+
+
+class _WithReference:
+    """Preference rows plus their reference log-probs, selectable together."""
+
+    def __init__(self, rows: D.PreferenceRows, reference: torch.Tensor):
+        self.rows, self.reference = rows, reference
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, index):
+        batch = self.rows.select(index)
+        batch["reference"] = self.reference[index]
+        return batch
+
+
+def preference_objective(method: str, beta: float, eta: float):
+    def objective(model, batch):
+        chosen, rejected = pair_logprobs(model, batch)
+        ref = batch["reference"]
+        delta = ((chosen - ref[:, 0]) - (rejected - ref[:, 1])).detach()
+        if method == "dpo":
+            losses = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)
+        else:
+            losses = rpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], batch["rewards"][:, 0], batch["rewards"][:, 1],
+                              beta, eta)
+        return losses.sum(), {"margin": float(delta.mean()), "accuracy": float((delta > 0).float().mean())}
+    return objective
+
+
+@torch.no_grad()
+def preference_evaluation(model, rows: _WithReference, batch_size: int, device) -> dict:
+    """Held-out mean implicit reward margin Δ and the fraction of pairs with Δ > 0."""
+    deltas = []
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in rows.select(torch.arange(start, min(start + batch_size, len(rows)))).items()}
+        chosen, rejected = pair_logprobs(model, batch)
+        ref = batch["reference"]
+        deltas.append(((chosen - ref[:, 0]) - (rejected - ref[:, 1])).cpu())
+    delta = torch.cat(deltas)
+    return {"margin": float(delta.mean()), "accuracy": float((delta > 0).float().mean()), "pairs": len(delta)}
+
+
+def run_preference(args, method: str) -> StageResult:
+    precision, tokenizer, net, config = _setup(args)
+    rows, skipped = D.preference_rows(args.data[0], tokenizer, args.seq_len)
+    if method == "rpo" and torch.isnan(rows.rewards).any():
+        raise D.DataError(f"{args.data[0]}: RPO needs chosen_reward and rejected_reward on every pair")
+    train = _WithReference(rows, reference_logprobs(net, rows, args.batch_size, precision.device))
+    held_out = None
+    if args.eval_data:
+        eval_rows = D.preference_rows(args.eval_data[0], tokenizer, args.seq_len)[0]
+        held_out = _WithReference(eval_rows, reference_logprobs(net, eval_rows, args.batch_size, precision.device))
+    before = preference_evaluation(net, held_out, args.batch_size, precision.device) if held_out else None
+    evaluate = (lambda: preference_evaluation(net, held_out, args.batch_size, precision.device)) if held_out else None
+    trainer = Trainer(net, precision, config, D.Batches(train, args.batch_size, args.seed),
+                      preference_objective(method, args.beta, args.eta), lambda batch: batch["chosen"].shape[0],
+                      evaluate)
+    return _finish(trainer, args, _tokenizer_dir(args),
+                   {"method": method, "beta": args.beta, "eta": args.eta, "pairs": len(rows), "skipped": skipped,
+                    "eval_before": before})
+

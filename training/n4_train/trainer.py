@@ -1,0 +1,191 @@
+"""One training loop for every stage: AdamW, linear warmup + cosine decay, gradient accumulation, clipping,
+periodic evaluation, a JSONL log, and resumable checkpoints.
+
+A stage hands the trainer its model, its micro-batches (data.Batches), a `loss_sum(model, batch)` returning
+(summed loss, metrics) and a `count(batch)` of what that sum is over; each optimizer step divides by the count
+of its whole window of `grad_accum` micro-batches, so the update does not depend on how a batch was split.
+Micro-batch k is a pure function of k and the RNG state is saved, so resuming from step N gives the same
+weights as never stopping (tested bit for bit on the CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from n4_train.precision import Precision
+
+STATE_DIR = "trainer_state"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str
+    max_steps: int
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    save_every: int = 0      # steps between resumable checkpoints; 0: only at the end
+    eval_every: int = 0      # steps between evaluations; 0: only at the end
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_steps", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "clip_grad"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """The rate for optimizer step `step` (1-based): linear warmup to lr over warmup_steps, then cosine decay to
+    lr * min_lr_ratio at max_steps."""
+    if step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    span = max(config.max_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, precision: Precision, config: TrainConfig, batches,
+                 loss_sum: Callable, count: Callable, evaluate: Callable[[], dict] | None = None):
+        self.model, self.precision, self.config = model, precision, config
+        self.batches, self.loss_sum, self.count, self.evaluate = batches, loss_sum, count, evaluate
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "norm" not in n]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "norm" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+        self.step = 0
+        os.makedirs(config.output_dir, exist_ok=True)
+
+    # ---- resumable state ----------------------------------------------------------------------------------
+    def _state_path(self, step: int) -> str:
+        return os.path.join(self.config.output_dir, STATE_DIR, f"step-{step:07d}.pt")
+
+    def save_state(self) -> str:
+        path = self._state_path(self.step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "rng": torch.get_rng_state(), "config": asdict(self.config)}
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous state intact
+        for old in sorted(os.listdir(os.path.dirname(path)))[:-2]:  # keep the last two
+            os.remove(os.path.join(os.path.dirname(path), old))
+        return path
+
+    def latest_state(self) -> str | None:
+        directory = os.path.join(self.config.output_dir, STATE_DIR)
+        if not os.path.isdir(directory):
+            return None
+        states = sorted(f for f in os.listdir(directory) if f.endswith(".pt"))
+        return os.path.join(directory, states[-1]) if states else None
+
+    def resume(self) -> bool:
+        path = self.latest_state()
+        if path is None:
+            return False
+        state = torch.load(path, map_location=self.precision.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.step = state["step"]
+        self._truncate_log(self.step)
+        return True
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        config = self.config
+        self.model.train()
+        last: dict = {}
+        progress = tqdm(total=config.max_steps, initial=self.step, desc="train", disable=not sys.stderr.isatty())
+        try:
+            while self.step < config.max_steps:
+                start = time.perf_counter()
+                last = self._one_step()
+                last["step_time_s"] = round(time.perf_counter() - start, 4)
+                self._log(last)
+                progress.update(1)
+                progress.set_postfix(loss=f"{last['loss']:.4f}")
+                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
+                    self._run_eval()
+                if config.save_every and self.step % config.save_every == 0:
+                    self.save_state()
+        except KeyboardInterrupt:
+            self.save_state()  # the last finished step survives an interrupt; --resume continues from it
+            raise
+        finally:
+            progress.close()
+        self.save_state()
+        final = self._run_eval() if self.evaluate else {}
+        return {"step": self.step, "train": last, "eval": final}
+
+    def _one_step(self) -> dict:
+        config = self.config
+        step = self.step + 1  # self.step counts finished steps only: an interrupt mid-step saves the one before
+        lr = learning_rate(step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        first = (step - 1) * config.grad_accum
+        window = [self._to_device(self.batches[k]) for k in range(first, first + config.grad_accum)]
+        total = sum(self.count(batch) for batch in window)
+        loss_total, metrics = 0.0, {}
+        for batch in window:
+            with self.precision.autocast():
+                loss, batch_metrics = self.loss_sum(self.model, batch)
+            (loss / max(total, 1)).backward()
+            loss_total += float(loss.detach())
+            for key, value in batch_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + value
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        record = {"step": step, "lr": lr, "loss": loss_total / max(total, 1), "count": total,
+                  "grad_norm": float(grad_norm)}
+        record.update({k: v / len(window) for k, v in metrics.items()})
+        return record
+
+    def _run_eval(self) -> dict:
+        self.model.eval()
+        with torch.no_grad(), self.precision.autocast():
+            result = self.evaluate()
+        self.model.train()
+        self._log({"step": self.step, "eval": result})
+        return result
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.precision.device) for k, v in batch.items()}
+
+    # ---- log ----------------------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        with open(os.path.join(self.config.output_dir, LOG_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines past the resumed step (written after the state that is being resumed)."""
+        path = os.path.join(self.config.output_dir, LOG_FILE)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
