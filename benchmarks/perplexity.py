@@ -3,15 +3,15 @@ for comparing quantization schemes on the same text.
 
     python benchmarks/perplexity.py --model models/demo [--kv-cache-dtype fp8] [--quantization fp8]
 
-The default held-out text is the docstrings of a fixed list of Python standard-library modules (PSF licence,
-on every machine, and not part of the demo tokenizer's training corpus, which is pydoc_data/topics.py).
+The held-out text is the held-out split of the demo model's pretraining corpus (training/demo/build_corpus.py:
+CPython's documentation and stdlib docstrings, PSF licence, rebuilt here in a few seconds): documents the demo
+model never trained on.
 Perplexity = exp(mean negative log-likelihood) over every token of fixed-size windows but the first of each.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
+import importlib.util
 import json
 import math
 import os
@@ -20,19 +20,16 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-HELD_OUT_MODULES = ("argparse", "collections", "json", "logging", "pathlib", "subprocess", "textwrap",
-                    "unittest", "datetime", "heapq", "functools", "itertools")
 
 
 def held_out_text() -> str:
-    parts = []
-    for name in HELD_OUT_MODULES:
-        module = importlib.import_module(name)
-        for _, obj in sorted(vars(module).items()):
-            doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
-            if doc and getattr(obj, "__module__", None) == name:
-                parts.append(doc)
-    return "\n\n".join(parts)
+    """The demo corpus's held-out documents, as build_corpus.py splits them (whole documents, by title hash)."""
+    path = os.path.join(REPO, "training", "demo", "build_corpus.py")
+    spec = importlib.util.spec_from_file_location("n4_demo_build_corpus", path)
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    held_out = [text for title, text in corpus.build() if corpus.is_heldout(title, corpus.HELDOUT_PERCENT)]
+    return "\n\n".join(held_out)
 
 
 def perplexity(model: str, windows: int, window_len: int, kv_cache_dtype: str = "auto",

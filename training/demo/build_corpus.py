@@ -43,6 +43,7 @@ BUILTIN_MODULES = {"builtins": "builtins", "math": "math", "cmath": "cmath", "it
                    "sys": "sys", "time": "time", "gc": "gc", "posix": "os", "_collections": "collections",
                    "_functools": "functools", "_struct": "struct", "_io": "io", "array": "array",
                    "binascii": "binascii", "zlib": "zlib", "unicodedata": "unicodedata"}
+HELDOUT_PERCENT = 4.0  # share of documents held out (by title hash); benchmarks/perplexity.py reads the same split
 MIN_DOC_CHARS = 100  # shorter documents are mostly a lone "Constants for X." line
 
 
@@ -290,7 +291,7 @@ def main() -> None:
     parser.add_argument("--output-dir", type=pathlib.Path, required=True)
     parser.add_argument("--tokenizer", type=pathlib.Path, default=DEFAULT_TOKENIZER,
                         help="SentencePiece model used to count tokens (default: models/demo/tokenizer.model)")
-    parser.add_argument("--heldout-percent", type=float, default=4.0)
+    parser.add_argument("--heldout-percent", type=float, default=HELDOUT_PERCENT)
     parser.add_argument("--limit", type=int, default=None,
                         help="use only the first N topics, source modules and C modules (quick tests)")
     args = parser.parse_args()
