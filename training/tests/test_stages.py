@@ -136,7 +136,7 @@ def test_exported_reward_model_scores_the_same_in_n4_serve(reward_model):
     torch.testing.assert_close(ours, oracle, atol=1e-4, rtol=0)
 
 
-def _pairs(count: int, seed: int) -> list[dict]:
+def _pairs(count: int, seed: int, rewards: tuple[float, float] = (3.0, 1.0)) -> list[dict]:
     """The chosen answer opens with "yes", the rejected one with "no"; the rest is the same random words."""
     import random
     rng = random.Random(seed)
@@ -144,7 +144,7 @@ def _pairs(count: int, seed: int) -> list[dict]:
     for _ in range(count):
         words = " ".join(rng.choices(WORDS, k=3))
         pairs.append({"prompt": f"{rng.choice(WORDS)}: tell me.", "chosen": f"yes {words}",
-                      "rejected": f"no {words}", "chosen_reward": 3.0, "rejected_reward": 1.0})
+                      "rejected": f"no {words}", "chosen_reward": rewards[0], "rejected_reward": rewards[1]})
     return pairs
 
 
@@ -158,6 +158,23 @@ def test_preference_steps_raise_the_held_out_margin(pretrained, workdir, method)
                      "--beta", "0.1", "--export-dtype", "float32")
     assert summary["eval_before"]["margin"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
     assert summary["eval"]["margin"] > 1.0 and summary["eval"]["accuracy"] > 0.9
+
+
+def test_rpo_fits_the_reward_gap_where_dpo_keeps_pushing(pretrained, workdir):
+    """With a reward gap of 0.5, η = 1 and β = 0.1, RPO's optimum is Δ = η·gap/β = 5 nats: RPO settles near it,
+    while DPO on the same pairs drives Δ past it (its loss only falls as Δ grows)."""
+    base, _ = pretrained
+    train = write_jsonl(str(workdir / "close_pairs.jsonl"), _pairs(64, seed=2, rewards=(1.5, 1.0)))
+    heldout = write_jsonl(str(workdir / "close_pairs_heldout.jsonl"), _pairs(32, seed=3, rewards=(1.5, 1.0)))
+    margins = {}
+    for method in ("dpo", "rpo"):
+        margins[method] = _train(method, "--model", base, "--data", train, "--eval-data", heldout,
+                                 "--output", str(workdir / f"close_{method}"), "--batch-size", "8",
+                                 "--max-steps", "40", "--lr", "3e-3", "--beta", "0.1", "--eta", "1.0",
+                                 "--export-dtype", "float32")["eval"]["margin"]
+    # Measured: RPO 5.01, DPO 45.1 after 40 steps.
+    assert 4.0 < margins["rpo"] < 6.0, margins
+    assert margins["dpo"] > 2 * margins["rpo"], margins
 
 
 def test_bad_input_is_one_line_and_exit_2(workdir, capsys):
