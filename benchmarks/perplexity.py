@@ -27,6 +27,7 @@ def held_out_text() -> str:
     path = os.path.join(REPO, "training", "demo", "build_corpus.py")
     spec = importlib.util.spec_from_file_location("n4_demo_build_corpus", path)
     corpus = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = corpus  # its dataclasses look their module up while the class is built
     spec.loader.exec_module(corpus)
     held_out = [text for title, text in corpus.build() if corpus.is_heldout(title, corpus.HELDOUT_PERCENT)]
     return "\n\n".join(held_out)

@@ -1,7 +1,8 @@
-"""`n4-train sdg` end to end against two live `n4 serve` processes: the demo model as the generator and a tiny reward
-model (models/demo-reward when it exists, else the demo model's body with a seeded random 9-value head). The demo
-model writes gibberish, so prompt writing falls back to the seeded material; the files must still be complete and
-consistent, a rerun must change nothing, and a generator posing as the reward model must be refused."""
+"""`n4-train sdg` end to end against two live `n4 serve` processes: the trained demo model as the generator and the
+demo reward model (models/demo-reward; a seeded random 9-value head on the demo body if it is absent). The demo
+model (3M parameters) cannot write usable topic lists, so prompt writing falls back to the seeded material; the
+files must still be complete and consistent, a rerun must change nothing, and a generator posing as the reward
+model must be refused."""
 from __future__ import annotations
 
 import json
@@ -148,8 +149,8 @@ def test_pipeline_against_live_servers(sdg_servers, tmp_path):
     generator, reward = sdg_servers
     out = tmp_path / "sdg"
     args = ["--base-url", generator, "--reward-base-url", reward, "--output", str(out), "--num-prompts", "2",
-            "--responses-per-prompt", "2", "--max-tokens", "16", "--prompt-max-tokens", "16", "--concurrency", "4",
-            "--keep-truncated", "--seed", "1"]  # the demo model never stops within 16 tokens
+            "--responses-per-prompt", "2", "--max-tokens", "96", "--prompt-max-tokens", "16", "--concurrency", "4",
+            "--seed", "1"]  # the trained demo ends its answers (<extra_id_1>) well within 96 tokens
     done = _sdg(*args)
     assert done.returncode == 0, done.stderr
     assert "10 prompts, 20 responses" in done.stderr
