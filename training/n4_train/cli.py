@@ -5,7 +5,9 @@ finished step's state for `--resume`."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from n4_train.checkpoint import CheckpointError
 from n4_train.precision import PRECISIONS, PrecisionError
@@ -86,8 +88,19 @@ def run(args) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler preempting the job, `docker stop`) takes the Ctrl-C path, which saves the last finished
+    step, instead of killing the run and losing everything since the last --save-every."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage != "sdg":  # sdg handles its own interrupts (records are written line by line)
+        _interrupt_on_sigterm()
     try:
         return run(args)
     except (DataError, CheckpointError, PrecisionError, ValueError, OSError) as e:

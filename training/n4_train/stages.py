@@ -41,6 +41,11 @@ def _setup(args, reward: bool = False):
 def _finish(trainer: Trainer, args, tokenizer_dir: str, extra: dict) -> StageResult:
     if args.resume and trainer.resume():
         print(f"resumed from step {trainer.step}")
+    elif not args.resume and trainer.latest_state():
+        raise D.DataError(f"--output {args.output} already holds a training state: pass --resume to continue it, "
+                          f"or choose another directory")
+    else:
+        trainer.start_log()
     summary = trainer.train()
     summary.update(extra)
     export_hf(trainer.model, args.output, tokenizer_dir, args.export_dtype)

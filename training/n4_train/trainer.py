@@ -180,6 +180,10 @@ class Trainer:
         with open(os.path.join(self.config.output_dir, LOG_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def start_log(self) -> None:
+        """A fresh run starts a fresh log (a previous run that never saved a state leaves nothing to continue)."""
+        self._truncate_log(0)
+
     def _truncate_log(self, step: int) -> None:
         """Drop log lines past the resumed step (written after the state that is being resumed)."""
         path = os.path.join(self.config.output_dir, LOG_FILE)

@@ -85,3 +85,43 @@ def test_gradient_accumulation_matches_one_big_batch(rows, tmp_path):
         # Three Adam steps at lr 1e-2 move weights by ~3e-2; what is left is float summation order (measured
         # <= 3e-6).
         torch.testing.assert_close(split.model.state_dict()[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_sigterm_saves_the_last_step_and_resume_finishes(tmp_path):
+    """A preempted job (SIGTERM) keeps its progress: exit 130 with a saved state, then --resume runs to the end."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import write_config
+
+    corpus = text_corpus(str(tmp_path / "corpus.txt"), 40, seed=0)
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "n4_train.cli", "pretrain", "--model", write_config(str(tmp_path / "c.json")),
+               "--tokenizer", DEMO, "--data", corpus, "--output", str(output), "--seq-len", "32", "--batch-size", "2",
+               "--max-steps", "100000", "--save-every", "0"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    log = output / "train_log.jsonl"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "state saved, continue with --resume" in err
+    states = os.listdir(output / "trainer_state")
+    assert len(states) == 1
+    saved_step = torch.load(output / "trainer_state" / states[0], weights_only=False)["step"]
+    assert saved_step >= 3
+    # Starting over into the same directory is refused rather than mixing two runs.
+    again = subprocess.run([*command[:-4], "--max-steps", "5"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already holds a training state: pass --resume" in again.stderr
+    # Resume with a reachable end: the log continues from the saved step without a gap or a repeat.
+    resumed = subprocess.run([*command[:-4], "--max-steps", str(saved_step + 2), "--resume"], capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, saved_step + 3))
