@@ -207,11 +207,30 @@ def preference_evaluation(model, rows: _WithReference, batch_size: int, device) 
     return {"margin": float(delta.mean()), "accuracy": float((delta > 0).float().mean()), "pairs": len(delta)}
 
 
+def _drop_contradicted(rows: D.PreferenceRows) -> tuple[D.PreferenceRows, int]:
+    """Pairs ranked by ground truth (a checked arithmetic answer) can carry a reward-model gap that points the other
+    way. DPO only needs the ranking; RPO fits β·Δ to the gap, so on such a pair it would teach the wrong preference:
+    those pairs are left out of RPO."""
+    keep = rows.rewards[:, 0] >= rows.rewards[:, 1]
+    if bool(keep.all()):
+        return rows, 0
+    if not bool(keep.any()):
+        raise D.DataError("every pair's rewards rank the rejected response above the chosen one: nothing for RPO")
+    kept = D.PreferenceRows(rows.chosen[keep], rows.chosen_labels[keep], rows.rejected[keep],
+                            rows.rejected_labels[keep], rows.rewards[keep])
+    return kept, int((~keep).sum())
+
+
 def run_preference(args, method: str) -> StageResult:
     precision, tokenizer, net, config = _setup(args)
     rows, skipped = D.preference_rows(args.data[0], tokenizer, args.seq_len)
-    if method == "rpo" and torch.isnan(rows.rewards).any():
-        raise D.DataError(f"{args.data[0]}: RPO needs chosen_reward and rejected_reward on every pair")
+    contradicted = 0
+    if method == "rpo":
+        if torch.isnan(rows.rewards).any():
+            raise D.DataError(f"{args.data[0]}: RPO needs chosen_reward and rejected_reward on every pair")
+        rows, contradicted = _drop_contradicted(rows)
+        if contradicted:
+            print(f"{contradicted} pairs whose rewards rank rejected above chosen skipped (RPO would fit that gap)")
     train = _WithReference(rows, reference_logprobs(net, rows, args.batch_size, precision.device))
     held_out = None
     if args.eval_data:
@@ -224,5 +243,6 @@ def run_preference(args, method: str) -> StageResult:
                       evaluate)
     return _finish(trainer, args, _tokenizer_dir(args),
                    {"method": method, "beta": args.beta, "eta": args.eta, "pairs": len(rows), "skipped": skipped,
+                    "skipped_reward_contradicts_preference": contradicted,
                     "eval_before": before})
 

@@ -177,6 +177,19 @@ def test_rpo_fits_the_reward_gap_where_dpo_keeps_pushing(pretrained, workdir):
     assert margins["dpo"] > 2 * margins["rpo"], margins
 
 
+def test_rpo_leaves_out_pairs_whose_rewards_contradict_the_ranking(pretrained, workdir):
+    base, _ = pretrained
+    pairs = _pairs(16, seed=4)
+    for pair in pairs[:5]:  # ground-truth pairs on which the reward model preferred the wrong answer
+        pair["chosen_reward"], pair["rejected_reward"] = 0.5, 2.0
+    data = write_jsonl(str(workdir / "contradicted.jsonl"), pairs)
+    for method, expected_pairs, skipped in (("rpo", 11, 5), ("dpo", 16, None)):
+        summary = _train(method, "--model", base, "--data", data, "--output",
+                         str(workdir / f"contradicted_{method}"), "--batch-size", "4", "--max-steps", "1")
+        assert summary["pairs"] == expected_pairs
+        assert summary["skipped_reward_contradicts_preference"] == (skipped or 0)
+
+
 def test_bad_input_is_one_line_and_exit_2(workdir, capsys):
     code = main(["sft", "--model", DEMO, "--data", str(workdir / "absent.jsonl"), "--output", str(workdir / "x")])
     err = capsys.readouterr().err.strip()
