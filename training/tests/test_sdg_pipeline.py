@@ -200,6 +200,25 @@ def test_failed_requests_are_counted_not_fatal(tmp_path):
     assert summary["responses"]["total"] == 12 and summary["pairs"]["skipped"]["no_responses"] == 0
 
 
+def test_a_server_that_refuses_n_gets_one_request_per_response(tmp_path):
+    class OnlyOneChoice(FakeServers):
+        def _chat(self, body):
+            if body.get("n", 1) > 1:
+                self.calls["refused n"] += 1
+                return httpx.Response(400, json={"error": {"message": "n must be 1", "param": "n"}})
+            return super()._chat(body)
+
+    config = _config(tmp_path, tasks=("open_qa",), num_prompts=2)
+    fake = OnlyOneChoice()
+    summary = _run(config, fake)
+    responses = read_jsonl(config.path("responses.jsonl"))
+    assert len(responses) == 2 * 3 and summary["failures_this_run"]["total"] == 0
+    assert fake.calls["refused n"] == 2  # one refused n=3 request per prompt, then three n=1 requests each
+    for prompt_id in {r["prompt_id"] for r in responses}:
+        texts = [r["response"] for r in responses if r["prompt_id"] == prompt_id]
+        assert len(set(texts)) == 3  # each single request has its own seed, so the responses differ
+
+
 def test_unparseable_generator_falls_back(tmp_path):
     class Gibberish(FakeServers):
         @staticmethod

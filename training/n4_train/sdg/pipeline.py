@@ -72,6 +72,12 @@ async def _respond(state: RunState, prompt: dict, missing: list[int], out: Jsonl
                               temperature=config.temperature, max_tokens=config.max_tokens,
                               seed=state.seed_for("responses", prompt["id"], missing))
     except RequestFailed as e:
+        if len(missing) > 1 and e.status == 400:
+            # Some OpenAI-compatible servers (and hosted APIs) refuse n > 1: ask for each response on its own, each
+            # with its own seed. A prompt the server really rejects then fails once per response, and is recorded.
+            for k in missing:
+                await _respond(state, prompt, [k], out)
+            return
         state.fail("responses", prompt["id"], e)
         return
     choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
