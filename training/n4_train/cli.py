@@ -1,7 +1,7 @@
 """Train and align Nemotron-4 models: pretrain, sft, rm, dpo, rpo, and synthetic data generation (sdg).
 
 Errors are one line (`n4-train <stage>: error: ...`) with exit status 2; an interrupted run keeps its last
-finished step's state for `--resume`."""
+finished step's state for `--resume`. Data parallel: `torchrun --nproc-per-node N -m n4_train.cli <stage> ...`."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +38,7 @@ def _add_training_args(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--eval-data", nargs="+", help="held-out file(s) evaluated every --eval-every steps")
     parser.add_argument("--output", required=True, help="directory for the exported checkpoint, log and state")
     parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per row (longest sequence)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows (or pairs) per micro-batch")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows (or pairs) per micro-batch, per data-parallel rank")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--max-steps", type=int, default=steps)
     parser.add_argument("--lr", type=float, default=lr)
@@ -82,9 +82,12 @@ def run(args) -> int:
         result = stages.run_preference(args, args.stage)
     else:
         result = stages.run_lm(args, chat=args.stage == "sft")
-    print(f"exported {result.output_dir} (step {result.summary['step']})")
-    if result.summary.get("eval"):
-        print(f"eval: {result.summary['eval']}")
+    from n4_train import distributed
+    if distributed.is_main():
+        print(f"exported {result.output_dir} (step {result.summary['step']})")
+        if result.summary.get("eval"):
+            print(f"eval: {result.summary['eval']}")
+    distributed.shutdown()
     return 0
 
 

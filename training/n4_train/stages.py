@@ -9,12 +9,18 @@ from dataclasses import dataclass
 import torch
 
 from n4_train import data as D
+from n4_train import distributed
 from n4_train.checkpoint import build_model, export_hf
 from n4_train.losses import (dpo_loss, lm_loss_sum, reward_regression_sum, rpo_loss, sequence_logprobs)
 from n4_train.modeling import TrainableNemotron
 from n4_train.precision import resolve_precision
 from n4_train.tokenization import TrainTokenizer
 from n4_train.trainer import TrainConfig, Trainer
+
+
+def say(message: str) -> None:
+    if distributed.is_main():  # one line per run, not one per data-parallel rank
+        print(message)
 
 
 @dataclass
@@ -25,7 +31,8 @@ class StageResult:
 
 def _setup(args, reward: bool = False):
     torch.manual_seed(args.seed)
-    precision = resolve_precision(args.precision, args.device)
+    device = distributed.init_from_env(torch.device(args.device))  # a no-op unless started by torchrun
+    precision = resolve_precision(args.precision, device)
     tokenizer = TrainTokenizer(args.tokenizer or args.model)
     net = build_model(args.model, precision, reward=reward, seed=args.seed)
     if tokenizer.vocab_size > net.config.vocab_size:
@@ -40,18 +47,20 @@ def _setup(args, reward: bool = False):
 
 def _finish(trainer: Trainer, args, tokenizer_dir: str, extra: dict) -> StageResult:
     if args.resume and trainer.resume():
-        print(f"resumed from step {trainer.step}")
+        say(f"resumed from step {trainer.step}")
     elif not args.resume and trainer.latest_state():
         raise D.DataError(f"--output {args.output} already holds a training state: pass --resume to continue it, "
                           f"or choose another directory")
     else:
         trainer.start_log()
     summary = trainer.train()
-    summary.update(extra)
-    export_hf(trainer.model, args.output, tokenizer_dir, args.export_dtype)
-    with open(os.path.join(args.output, "training_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    summary.update(extra, data_parallel_ranks=distributed.world_size())
+    if distributed.is_main():
+        export_hf(trainer.model, args.output, tokenizer_dir, args.export_dtype)
+        with open(os.path.join(args.output, "training_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+    distributed.barrier()  # the other ranks return once the checkpoint is complete
     return StageResult(args.output, summary)
 
 
@@ -92,7 +101,7 @@ def run_lm(args, chat: bool) -> StageResult:
     else:
         rows, skipped = D.pretraining_rows(args.data, tokenizer, args.seq_len), 0
         eval_rows = D.pretraining_rows(args.eval_data, tokenizer, args.seq_len) if args.eval_data else None
-    print(f"{len(rows)} rows of {args.seq_len} tokens, {rows.trained_tokens} trained tokens"
+    say(f"{len(rows)} rows of {args.seq_len} tokens, {rows.trained_tokens} trained tokens"
           + (f", {skipped} conversations longer than a row skipped" if skipped else ""))
     evaluate = (lambda: lm_evaluation(net, eval_rows, args.batch_size, precision.device)) if eval_rows else None
     trainer = Trainer(net, precision, config, D.Batches(rows, args.batch_size, args.seed), _lm_objective, _lm_count,
@@ -136,7 +145,7 @@ def run_rm(args) -> StageResult:
     precision, tokenizer, net, config = _setup(args, reward=True)
     rows, skipped = D.helpsteer_rows(args.data[0], tokenizer, args.seq_len)
     eval_rows = D.helpsteer_rows(args.eval_data[0], tokenizer, args.seq_len)[0] if args.eval_data else None
-    print(f"{len(rows)} reward rows" + (f", {skipped} longer than {args.seq_len} tokens skipped" if skipped else ""))
+    say(f"{len(rows)} reward rows" + (f", {skipped} longer than {args.seq_len} tokens skipped" if skipped else ""))
     evaluate = (lambda: rm_evaluation(net, eval_rows, args.batch_size, precision.device)) if eval_rows else None
     trainer = Trainer(net, precision, config, D.Batches(rows, args.batch_size, args.seed), _rm_objective,
                       lambda batch: batch["targets"].numel(), evaluate)
@@ -230,7 +239,7 @@ def run_preference(args, method: str) -> StageResult:
             raise D.DataError(f"{args.data[0]}: RPO needs chosen_reward and rejected_reward on every pair")
         rows, contradicted = _drop_contradicted(rows)
         if contradicted:
-            print(f"{contradicted} pairs whose rewards rank rejected above chosen skipped (RPO would fit that gap)")
+            say(f"{contradicted} pairs whose rewards rank rejected above chosen skipped (RPO would fit that gap)")
     train = _WithReference(rows, reference_logprobs(net, rows, args.batch_size, precision.device))
     held_out = None
     if args.eval_data:

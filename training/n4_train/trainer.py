@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from n4_train import distributed
 from n4_train.precision import Precision
 
 STATE_DIR = "trainer_state"
@@ -83,6 +84,8 @@ class Trainer:
 
     def save_state(self) -> str:
         path = self._state_path(self.step)
+        if not distributed.is_main():  # every rank holds the same weights; one copy is enough
+            return path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "rng": torch.get_rng_state(), "config": asdict(self.config)}
@@ -144,9 +147,12 @@ class Trainer:
         lr = learning_rate(step, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        first = (step - 1) * config.grad_accum
-        window = [self._to_device(self.batches[k]) for k in range(first, first + config.grad_accum)]
-        total = sum(self.count(batch) for batch in window)
+        # Micro-batch k of the run goes to rank k % world: with W ranks a step consumes the same W * grad_accum
+        # micro-batches one process would consume with grad_accum multiplied by W.
+        world, rank = distributed.world_size(), distributed.rank()
+        first = (step - 1) * config.grad_accum * world
+        window = [self._to_device(self.batches[first + j * world + rank]) for j in range(config.grad_accum)]
+        total = distributed.sum_across_ranks(sum(self.count(batch) for batch in window), self.precision.device)
         loss_total, metrics = 0.0, {}
         for batch in window:
             with self.precision.autocast():
@@ -155,6 +161,8 @@ class Trainer:
             loss_total += float(loss.detach())
             for key, value in batch_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + value
+        distributed.sum_gradients(self.model)
+        loss_total = distributed.sum_across_ranks_float(loss_total, self.precision.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -165,6 +173,8 @@ class Trainer:
         return record
 
     def _run_eval(self) -> dict:
+        if not distributed.is_main():  # rank 0 evaluates; the others wait for it at the next collective
+            return {}
         self.model.eval()
         with torch.no_grad(), self.precision.autocast():
             result = self.evaluate()
@@ -177,6 +187,8 @@ class Trainer:
 
     # ---- log ----------------------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
+        if not distributed.is_main():
+            return
         with open(os.path.join(self.config.output_dir, LOG_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -186,6 +198,8 @@ class Trainer:
 
     def _truncate_log(self, step: int) -> None:
         """Drop log lines past the resumed step (written after the state that is being resumed)."""
+        if not distributed.is_main():
+            return
         path = os.path.join(self.config.output_dir, LOG_FILE)
         if not os.path.isfile(path):
             return
