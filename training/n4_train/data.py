@@ -18,6 +18,9 @@ import torch
 from n4_train.tokenization import DataError, Encoded, TrainTokenizer, reward_text
 
 IGNORE = -100
+# Padded widths are rounded up to this: transformer-engine's FP8 GEMMs need the token count (batch x width) to be a
+# multiple of 16, and packed rows already are (--seq-len is the user's choice; 256/512/4096 are).
+WIDTH_MULTIPLE = 16
 DOCUMENT_END = r"(?m)^<\|endoftext\|>$"  # a line of its own ends a document in a .txt corpus
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 
@@ -174,7 +177,7 @@ class RewardRows:
         return self.input_ids.shape[0]
 
     def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        width = int(self.last[index].max()) + 1  # trim the batch to its own longest sequence
+        width = _round_up(int(self.last[index].max()) + 1)  # trim the batch to its own longest sequence
         return {"input_ids": self.input_ids[index, :width], "last": self.last[index], "targets": self.targets[index]}
 
 
@@ -198,7 +201,7 @@ def helpsteer_rows(path: str, tokenizer: TrainTokenizer, max_len: int) -> tuple[
         targets.append(values)
     if not sequences:
         raise DataError(f"{path}: no usable rows")
-    width = max(map(len, sequences))
+    width = _round_up(max(map(len, sequences)))
     input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
     for i, ids in enumerate(sequences):
         input_ids[i, :len(ids)] = torch.tensor(ids)
@@ -253,7 +256,7 @@ def preference_rows(path: str, tokenizer: TrainTokenizer, max_len: int) -> tuple
 
 def pack_padded(encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence per row, right-padded -> (input_ids [N, S], labels [N, S])."""
-    width = max(len(e.ids) for e in encoded)
+    width = _round_up(max(len(e.ids) for e in encoded))
     input_ids = torch.zeros(len(encoded), width, dtype=torch.long)
     labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
     for i, e in enumerate(encoded):
@@ -261,6 +264,10 @@ def pack_padded(encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids[i, :len(e.ids)] = ids
         labels[i, :len(e.ids) - 1] = torch.where(torch.tensor(e.trained[1:], dtype=torch.bool), ids[1:], IGNORE)
     return input_ids, labels
+
+
+def _round_up(width: int) -> int:
+    return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
 
 def _prompt_messages(prompt) -> list[dict]:
