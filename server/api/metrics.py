@@ -109,11 +109,7 @@ class RequestTimer:
     def on_output(self, out: RequestOutput) -> None:
         now = time.monotonic()
         if self.scheduled is None:
-            # The engine drops a request the step it finishes, so a request that ends in its first step (an
-            # echo-only scoring call) goes without queue/prefill observations.
-            request = self.metrics.engine.engine.requests.get(self.engine_request_id)
-            if request is not None and request.first_scheduled_time is not None:
-                self.scheduled = request.first_scheduled_time
+            self.scheduled = out.first_scheduled_time
         count = len(out.new_token_ids)
         if not count:
             return

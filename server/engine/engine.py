@@ -45,6 +45,9 @@ class RequestOutput:
     num_output_tokens: int = 0
     # Reward models: the head's num_labels values (fp32) at the prompt's last token, on the finishing output
     reward: list[float] | None = None
+    # time.monotonic() of the request's first scheduling, for the queue/prefill metrics. Carried on the output
+    # because a request that finishes in its first step is gone from the engine by the time the API reads it.
+    first_scheduled_time: float | None = None
 
 
 @dataclass
@@ -222,6 +225,7 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
             num_output_tokens=request.num_output_tokens,
+            first_scheduled_time=request.first_scheduled_time,
         )
 
     def _release(self, request: Request) -> None:

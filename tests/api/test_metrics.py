@@ -75,13 +75,23 @@ def test_requests_move_the_counters_and_histograms(client):
     assert delta("n4:inter_token_latency_seconds_count") == 4
     assert delta("n4:e2e_request_latency_seconds_count") == 2
     assert delta("n4:e2e_request_latency_seconds_sum") > 0
-    # Queue/prefill/decode need the engine's scheduling time, readable while the request runs: the 5-token one.
+    # Both requests are timed, the one that finished in its first step too (its output carries the scheduling time).
     for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds"):
-        assert delta(f"n4:{name}_count") >= 1
+        assert delta(f"n4:{name}_count") == 2
     assert delta("n4:prefix_cache_queries_total") == 6
     assert metric_value(after, "n4:num_requests_running") == 0
     assert metric_value(after, "n4:num_requests_waiting") == 0
     assert metric_value(after, "n4:kv_cache_usage_perc") == 0
+
+
+def test_a_prompt_scored_in_one_step_is_timed(client):
+    before = _scrape(client)
+    r = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": [5, 6, 7], "max_tokens": 0,
+                                             "echo": True, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    after = _scrape(client)
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "e2e_request_latency_seconds"):
+        assert metric_value(after, f"n4:{name}_count") == metric_value(before, f"n4:{name}_count") + 1, name
 
 
 def test_streamed_requests_are_measured_too(client):
