@@ -160,6 +160,18 @@ def test_pipeline_against_live_servers(sdg_servers, tmp_path):
     assert again.returncode == 0, again.stderr
     assert {name: (out / name).read_bytes() for name in before} == before
     assert json.loads((out / "summary.json").read_text())["requests"]["generator"]["sent"] == 1  # GET /models
+    # The report's loop closes: the pairs train the demo model with RPO, and the result is a servable checkpoint.
+    pairs = len(_read(out / "pairs.jsonl"))
+    aligned = tmp_path / "rpo"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "training"), str(REPO_ROOT)])}
+    rpo = subprocess.run([sys.executable, "-m", "n4_train.cli", "rpo", "--model", str(DEMO), "--data",
+                          str(out / "pairs.jsonl"), "--output", str(aligned), "--batch-size", str(min(pairs, 2)),
+                          "--max-steps", "2"], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert rpo.returncode == 0, rpo.stderr
+    summary = json.loads((aligned / "training_summary.json").read_text())
+    assert summary["method"] == "rpo"
+    assert summary["pairs"] + summary["skipped"] + summary["skipped_reward_contradicts_preference"] == pairs
+    assert json.loads((aligned / "config.json").read_text())["architectures"] == ["NemotronForCausalLM"]
 
 
 def test_generator_is_not_a_reward_model(sdg_servers, tmp_path):
