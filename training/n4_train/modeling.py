@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from n4_train.precision import Precision
@@ -123,6 +124,7 @@ class TrainableNemotron(nn.Module):
     def __init__(self, config: ModelConfig, precision: Precision):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False
         self.model = Backbone(config, precision)
         head_out = config.num_labels if config.is_reward else config.vocab_size
         # The reward head stays a plain fp32 nn.Linear: 9 outputs is below TE's FP8 GEMM alignment (16), and its
@@ -140,7 +142,12 @@ class TrainableNemotron(nn.Module):
         mask = None if segment_ids is None else attention_mask(segment_ids)
         x = self.model.embed_tokens(input_ids)                        # [B, S, hidden]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each layer's input; recompute its activations in the backward pass (~1/3 more
+                # compute for activation memory that no longer grows with the layer's internals).
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
         return self.model.norm(x)                                     # [B, S, hidden]
 
     def forward(self, input_ids, position_ids=None, segment_ids=None) -> torch.Tensor:

@@ -35,6 +35,7 @@ def _setup(args, reward: bool = False):
     precision = resolve_precision(args.precision, device)
     tokenizer = TrainTokenizer(args.tokenizer or args.model)
     net = build_model(args.model, precision, reward=reward, seed=args.seed)
+    net.activation_checkpointing = args.activation_checkpointing
     if tokenizer.vocab_size > net.config.vocab_size:
         raise D.DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                           f"{net.config.vocab_size}")

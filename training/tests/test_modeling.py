@@ -67,3 +67,26 @@ def test_reward_layout_has_a_nine_wide_head():
     net = TrainableNemotron(config, resolve_precision("fp32", "cpu"))
     assert net.lm_head.weight.shape == (9, config.hidden_size)
     assert net(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 9)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    net, _ = _pair(CONFIGS["tiny-340b-layout"])
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4))
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        net.zero_grad()
+        net.activation_checkpointing = checkpointing
+        count = [0]
+
+        def pack(tensor, count=count):
+            count[0] += 1
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = net(ids).logsumexp(-1).sum()
+        loss.backward()
+        saved.append(count[0])
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    assert saved[1] < saved[0] / 2, saved  # the layers' internals are not kept for the backward pass
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-6, msg=name)
