@@ -10,6 +10,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # Reward: 9 outputs, the last 5 the HelpSteer2 attributes).
 REWARD_ARCHITECTURE = "NemotronForRewardModel"
 REWARD_NUM_LABELS = 9
+# The last 5 of the 9 values, in order, and the weights of the published scalar (a dot product with all 9; the first
+# 4 values are untrained). Served by server/api/rewards.py, trained and read by the training package.
+REWARD_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+REWARD_WEIGHTS = (0.0, 0.0, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33)
 
 
 @dataclass(frozen=True)

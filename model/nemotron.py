@@ -22,7 +22,7 @@ from model.quant import LinearMethod, UnquantizedLinearMethod
 # (fused module, HF module, shard id): checkpoint tensors that load into part of a fused parameter.
 _STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
 # Non-parameter tensors some older checkpoints carry; they are recomputed, so skipped.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class NemotronModel(nn.Module):
@@ -86,7 +86,7 @@ class NemotronForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES):
+            if name.endswith(IGNORED_SUFFIXES):
                 continue
             param_name, shard_id = _param_name(name)
             if param_name not in params:
@@ -120,7 +120,7 @@ class NemotronForCausalLM(nn.Module):
 
 
 # Other names reward checkpoints give their head (transformers' sequence-classification name, NeMo-Aligner's).
-_REWARD_HEAD_ALIASES = {"score.weight": "lm_head.weight", "reward_head.weight": "lm_head.weight"}
+REWARD_HEAD_ALIASES = {"score.weight": "lm_head.weight", "reward_head.weight": "lm_head.weight"}
 
 
 class NemotronForRewardModel(NemotronForCausalLM):
@@ -141,7 +141,7 @@ class NemotronForRewardModel(NemotronForCausalLM):
     compute_rewards = compute_logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights((_REWARD_HEAD_ALIASES.get(name, name), tensor) for name, tensor in weights)
+        super().load_weights((REWARD_HEAD_ALIASES.get(name, name), tensor) for name, tensor in weights)
 
 
 def model_class(config: ModelConfig) -> type[NemotronForCausalLM]:

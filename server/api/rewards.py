@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import time
 
+from model.config import REWARD_ATTRIBUTES, REWARD_WEIGHTS
 from server.api.output import ChoiceProcessor
 from server.api.protocol import APIError, ChatCompletionRequest, RewardRequest, now, random_id
 from server.api.serving import OpenAIServing, _Choice
 from server.engine.sampling import SamplingParams
 
-ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+ATTRIBUTES = REWARD_ATTRIBUTES
 # The published scalar of Nemotron-4-340B-Reward: a weighted sum of all 9 values (the first 4 are untrained).
-WEIGHTS = (0.0, 0.0, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33)
+WEIGHTS = REWARD_WEIGHTS
 
 
 def attributes(raw: list[float]) -> dict[str, float]:

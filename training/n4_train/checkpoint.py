@@ -12,13 +12,11 @@ from safetensors.torch import save_file
 
 from model.config import REWARD_NUM_LABELS, ModelConfig, get_config
 from model.loader import safetensors_files
+from model.nemotron import IGNORED_SUFFIXES, REWARD_HEAD_ALIASES
 from n4_train.modeling import TrainableNemotron
 from n4_train.precision import Precision
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# Names reward checkpoints give their head elsewhere (transformers' sequence classification, NeMo-Aligner).
-_HEAD_ALIASES = {"score.weight": "lm_head.weight", "reward_head.weight": "lm_head.weight"}
 
 
 class CheckpointError(ValueError):
@@ -30,8 +28,8 @@ def read_hf_tensors(path: str) -> dict[str, torch.Tensor]:
     for file in safetensors_files(path):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                if not name.endswith(_IGNORED_SUFFIXES):
-                    tensors[_HEAD_ALIASES.get(name, name)] = f.get_tensor(name)
+                if not name.endswith(IGNORED_SUFFIXES):  # the serving loader's rules: skipped names, head aliases
+                    tensors[REWARD_HEAD_ALIASES.get(name, name)] = f.get_tensor(name)
     return tensors
 
 
@@ -97,6 +95,3 @@ def export_hf(net: TrainableNemotron, output_dir: str, tokenizer_dir: str | None
                 shutil.copyfile(src, os.path.join(output_dir, name))
     return output_dir
 
-
-def model_config(path: str) -> ModelConfig:
-    return ModelConfig.from_pretrained(path)

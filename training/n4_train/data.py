@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.config import REWARD_ATTRIBUTES
 from n4_train.tokenization import DataError, Encoded, TrainTokenizer, reward_text
 
 IGNORE = -100
@@ -22,7 +23,7 @@ IGNORE = -100
 # multiple of 16, and packed rows already are (--seq-len is the user's choice; 256/512/4096 are).
 WIDTH_MULTIPLE = 16
 DOCUMENT_END = r"(?m)^<\|endoftext\|>$"  # a line of its own ends a document in a .txt corpus
-ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+ATTRIBUTES = REWARD_ATTRIBUTES
 
 
 def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:

@@ -5,20 +5,20 @@
   "helpfulness:1.26,correctness:0.43,coherence:3.12,complexity:1.05,verbosity:0.98" (NVIDIA's hosted API; n4 serve
   of a reward model answers so too).
 
-The scalar is the published 340B-Reward weighting. It is restated here rather than imported from
-server.api.rewards because n4_train must not import the serving package; the first four weights are 0, so the
-scalar computed from the 5 attributes of the chat form equals the one from the 9 raw values (up to the chat form's
-2-decimal rounding)."""
+The scalar is the published 340B-Reward weighting (model/config.py defines it once for the server and this package);
+the first four weights are 0, so the scalar computed from the 5 attributes of the chat form equals the one from the
+9 raw values (up to the chat form's 2-decimal rounding)."""
 from __future__ import annotations
 
 import math
 import re
 
+from model.config import REWARD_ATTRIBUTES, REWARD_WEIGHTS
 from n4_train.sdg.client import ApiClient, chat, first_text
 from n4_train.sdg.errors import RequestFailed, SDGError
 
-ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
-WEIGHTS = (0.0, 0.0, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33)
+ATTRIBUTES = REWARD_ATTRIBUTES
+WEIGHTS = REWARD_WEIGHTS
 ATTRIBUTE_WEIGHTS = dict(zip(ATTRIBUTES, WEIGHTS[-len(ATTRIBUTES):]))
 PROBE = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 plus 2 is 4."}]
 _PAIR = re.compile(r"^\s*([A-Za-z_]+)\s*[:=]\s*(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
