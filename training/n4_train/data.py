@@ -155,13 +155,18 @@ class Batches:
                             f"--batch-size or more data")
         self.rows, self.batch_size, self.seed, self.shuffle = rows, batch_size, seed, shuffle
         self.per_epoch = len(rows) // batch_size
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation): computed once per epoch
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            order = (torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+                     if self.shuffle else torch.arange(len(self.rows)))
+            self._order = (epoch, order)
+        return self._order[1]
 
     def __getitem__(self, k: int):
         epoch, index = divmod(k, self.per_epoch)
-        if self.shuffle:
-            order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-        else:
-            order = torch.arange(len(self.rows))
+        order = self._epoch_order(epoch)
         return self.rows.select(order[index * self.batch_size:(index + 1) * self.batch_size])
 
 
