@@ -163,7 +163,7 @@ def test_torn_responses_file_resumes(tmp_path):
 def test_a_killed_run_resumes(tmp_path):
     """Cancel the run in the middle of the responses stage; the file holds only whole lines and a rerun finishes
     it with exactly the missing requests."""
-    config = _config(tmp_path, concurrency=2)
+    config = _config(tmp_path, concurrency=2, refine=False)  # 40 calls = the prompt stage's, without refinement
     fake = FakeServers()
 
     async def handler(request):
@@ -217,6 +217,28 @@ def test_a_server_that_refuses_n_gets_one_request_per_response(tmp_path):
     for prompt_id in {r["prompt_id"] for r in responses}:
         texts = [r["response"] for r in responses if r["prompt_id"] == prompt_id]
         assert len(set(texts)) == 3  # each single request has its own seed, so the responses differ
+
+
+def test_open_qa_and_writing_requests_are_refined_once(tmp_path):
+    class Refiner(FakeServers):
+        @staticmethod
+        def _answer(asked, seed, i):
+            if "Please revise the following" in asked:
+                self_request = asked.partition(": ")[2].partition("\n")[0]
+                return f"{self_request.rstrip('?.')} (with two examples and the trade-offs)?"
+            return FakeServers._answer(asked, seed, i)
+
+    config = _config(tmp_path, tasks=("open_qa", "writing", "coding"), num_prompts=2, stop_after="prompts")
+    fake = Refiner()
+    summary = _run(config, fake)
+    prompts = read_jsonl(config.path("prompts.jsonl"))
+    refined = [p for p in prompts if p["task"] in ("open_qa", "writing") and p["source"] == "model"]
+    assert refined and all("(with two examples and the trade-offs)?" in p["messages"][0]["content"] for p in refined)
+    assert all("trade-offs" not in p["messages"][0]["content"] for p in prompts if p["task"] == "coding")
+    assert summary["prompts"]["this_run"]["refined"] == len(refined)
+    unrefined = _config(tmp_path / "plain", tasks=("open_qa",), num_prompts=2, stop_after="prompts", refine=False)
+    _run(unrefined, fake)
+    assert all("trade-offs" not in p["messages"][0]["content"] for p in read_jsonl(unrefined.path("prompts.jsonl")))
 
 
 def test_unparseable_generator_falls_back(tmp_path):

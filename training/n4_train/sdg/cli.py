@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topics", dest="topics_file", default=None,
                    help="file of topics, one per line, used instead of generator-written topics")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice and request")
+    g.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="skip the step that has the generator revise open Q&A and writing requests to be more "
+                        "detailed")
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--max-tokens", type=int, default=512, help="tokens per response")
@@ -58,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> SDGConfig:
     fields = {name: getattr(args, name) for name in (
         "base_url", "output", "model", "api_key", "reward_base_url", "reward_model", "reward_api_key",
         "reward_format", "num_prompts", "responses_per_prompt", "concurrency", "temperature", "max_tokens",
-        "prompt_max_tokens", "seed", "min_reward", "min_margin", "keep_truncated", "topics_file", "retries",
+        "prompt_max_tokens", "seed", "min_reward", "min_margin", "keep_truncated", "refine", "topics_file",
+        "retries",
         "timeout_s", "stop_after")}
     return SDGConfig(tasks=tasks, **fields)
 

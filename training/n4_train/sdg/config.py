@@ -32,6 +32,7 @@ class SDGConfig:
     min_reward: float | None = None
     min_margin: float = 0.0
     keep_truncated: bool = False
+    refine: bool = True  # open Q&A and writing requests are revised once by the generator (the report's step)
     topics_file: str | None = None
     retries: int = 4
     backoff_s: float = 0.5

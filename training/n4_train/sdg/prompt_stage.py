@@ -91,8 +91,19 @@ async def _first_turn(state: RunState, task: str, index: int, topic: str) -> tup
     text = await _ask(state, P.QUESTION_PROMPTS[task].format(topic=topic, form=form), ("question", task, index))
     request = P.parse_request(text, task)
     if request is not None:
-        return request, topic, "model"
+        return await _refined(state, task, index, request), topic, "model"
     return rng.choice(P.FALLBACK_QUESTIONS[task]).format(topic=topic, form=form), topic, "fallback"
+
+
+async def _refined(state: RunState, task: str, index: int, request: str) -> str:
+    """The generator's revision of its own request, when refinement applies and the revision parses."""
+    if not state.config.refine or task not in P.REFINED_TASKS:
+        return request
+    what, label = P.REFINED_TASKS[task]
+    text = await _ask(state, P.REFINE_PROMPT.format(what=what, label=label, request=request), ("refine", task, index))
+    revised = P.parse_request(text, task)
+    state.note("prompts", "refined" if revised is not None else "refinement_unparsed")
+    return revised if revised is not None else request
 
 
 async def _two_turn(state: RunState, record: dict, index: int) -> None:

@@ -44,6 +44,11 @@ QUESTION_PROMPTS = {
     "coding": ("Can you generate one Python coding problem related to the following topic? State the inputs and "
                "the expected output.\nTopic: {topic}\nReply with the problem statement only."),
 }
+# The report's second step for open Q&A and writing: the generator revises its own request to be more detailed and
+# specific (a generated request tends to be short and generic).
+REFINE_PROMPT = ("Please revise the following {what} to make it more detailed and specific, keeping what it asks "
+                 "for.\n{label}: {request}\nReply with the revised {what} only.")
+REFINED_TASKS = {"open_qa": ("question", "Question"), "writing": ("instruction", "Instruction")}
 PASSAGE_PROMPT = ("Write a short factual passage (one paragraph of about 100 words) about the following topic.\n"
                   "Topic: {topic}\nReply with the passage only.")
 FOLLOWUP_PROMPT = ("Here is a conversation between a user and an AI assistant.\n\nUser: {question}\n\n"
