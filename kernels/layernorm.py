@@ -33,6 +33,7 @@ interpreted (SOFT_E4M3) so that the cast is exact, and the bf16 truncation (1 ul
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -49,11 +50,9 @@ _CHUNK = 2048
 
 def _normalize_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H] -> fp32 [T, H]: LayerNorm1P with fp32 statistics and fp32 weight + 1."""
-    xf = x.float()                                                 # [T, H]
-    mean = xf.mean(dim=-1, keepdim=True)                           # [T, 1]
-    var = (xf - mean).square().mean(dim=-1, keepdim=True)          # [T, 1] biased
-    rstd = torch.rsqrt(var + eps)                                  # [T, 1]
-    return (xf - mean) * rstd * (weight.float() + 1.0) + bias.float()  # [T, H] fp32
+    # torch's layer_norm computes exactly this (fp32 mean, biased variance, rsqrt(var + eps)) in one op; on the CPU
+    # serving path the eight separate ops it replaces cost ~15% of a decode step of the demo model.
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float() + 1.0, bias.float(), eps)  # [T, H] fp32
 
 
 def layernorm1p_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
