@@ -62,7 +62,6 @@ class _EngineCollector:
 
 class ServerMetrics:
     def __init__(self, engine: AsyncEngine, model_name: str):
-        self.engine = engine
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine, model_name))
@@ -88,8 +87,8 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self, engine_request_id: str, arrival: float) -> "RequestTimer":
-        return RequestTimer(self, engine_request_id, arrival)
+    def timer(self, arrival: float) -> "RequestTimer":
+        return RequestTimer(self, arrival)
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
@@ -98,9 +97,8 @@ class ServerMetrics:
 class RequestTimer:
     """One engine request's timestamps (time.monotonic, the clock the engine stamps requests with)."""
 
-    def __init__(self, metrics: ServerMetrics, engine_request_id: str, arrival: float):
+    def __init__(self, metrics: ServerMetrics, arrival: float):
         self.metrics = metrics
-        self.engine_request_id = engine_request_id
         self.arrival = arrival
         self.scheduled: float | None = None
         self.first_token: float | None = None

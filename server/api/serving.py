@@ -160,7 +160,7 @@ class OpenAIServing:
     # ---- running choices ----------------------------------------------------------------------------------
     async def _run_choice(self, request_id: str, choice: _Choice, sink: asyncio.Queue) -> None:
         engine_id = f"{request_id}-{choice.index}"
-        timer = self.metrics.timer(engine_id, choice.arrival)
+        timer = self.metrics.timer(choice.arrival)
         live = self.admission.live
         try:
             if self.admission.closed:   # a drain that ran out of time: what starts now is aborted at once

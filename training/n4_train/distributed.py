@@ -37,20 +37,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def sum_across_ranks(value: int, device: torch.device) -> int:
+def sum_across_ranks(value: float, device: torch.device) -> float:
+    """The sum of a host number over ranks (token counts are exact in float64)."""
     if world_size() == 1:
         return value
     total = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return int(total.item())
-
-
-def sum_across_ranks_float(value: float, device: torch.device) -> float:
-    if world_size() == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return float(total.item())
+    return total.item()
 
 
 def sum_gradients(model: torch.nn.Module) -> None:

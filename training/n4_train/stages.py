@@ -70,6 +70,13 @@ def _tokenizer_dir(args) -> str:
     return os.path.dirname(path) if os.path.isfile(path) else path
 
 
+def in_batches(rows, batch_size: int, device):
+    """Every row of `rows` once, in order, in batches of batch_size on `device` (for evaluation passes)."""
+    for start in range(0, len(rows), batch_size):
+        batch = rows.select(torch.arange(start, min(start + batch_size, len(rows))))
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
 # ---- causal LM: pretraining and SFT -----------------------------------------------------------------------------
 
 def _lm_objective(model: TrainableNemotron, batch: dict):
@@ -86,8 +93,7 @@ def _lm_count(batch: dict) -> int:
 def lm_evaluation(model: TrainableNemotron, rows: D.Rows, batch_size: int, device) -> dict:
     """Mean next-token loss (nats) and perplexity over every trained token of `rows`."""
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in rows.select(torch.arange(start, min(start + batch_size, len(rows)))).items()}
+    for batch in in_batches(rows, batch_size, device):
         loss, n = lm_loss_sum(model(batch["input_ids"], batch["position_ids"], batch["segment_ids"]), batch["labels"])
         total, count = total + float(loss), count + n
     mean = total / max(count, 1)
@@ -130,9 +136,8 @@ def _rm_objective(model, batch):
 def rm_evaluation(model: TrainableNemotron, rows: D.RewardRows, batch_size: int, device) -> dict:
     """Per attribute: Pearson correlation and mean squared error of the prediction on held-out rows."""
     predicted = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows.select(torch.arange(start, min(start + batch_size, len(rows))))
-        predicted.append(reward_values(model, batch["input_ids"].to(device), batch["last"].to(device))[:, -5:].cpu())
+    for batch in in_batches(rows, batch_size, device):
+        predicted.append(reward_values(model, batch["input_ids"], batch["last"])[:, -5:].cpu())
     predicted = torch.cat(predicted)                                          # [N, 5]
     result = {}
     for i, name in enumerate(D.ATTRIBUTES):
@@ -168,8 +173,7 @@ def reference_logprobs(model: TrainableNemotron, rows: D.PreferenceRows, batch_s
     out = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in rows.select(torch.arange(start, min(start + batch_size, len(rows)))).items()}
+        for batch in in_batches(rows, batch_size, device):
             out.append(torch.stack(pair_logprobs(model, batch), dim=-1).cpu())
     model.train()
     return torch.cat(out)
@@ -208,8 +212,7 @@ def preference_objective(method: str, beta: float, eta: float):
 def preference_evaluation(model, rows: _WithReference, batch_size: int, device) -> dict:
     """Held-out mean implicit reward margin Δ and the fraction of pairs with Δ > 0."""
     deltas = []
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in rows.select(torch.arange(start, min(start + batch_size, len(rows)))).items()}
+    for batch in in_batches(rows, batch_size, device):
         chosen, rejected = pair_logprobs(model, batch)
         ref = batch["reference"]
         deltas.append(((chosen - ref[:, 0]) - (rejected - ref[:, 1])).cpu())

@@ -152,7 +152,7 @@ class Trainer:
         world, rank = distributed.world_size(), distributed.rank()
         first = (step - 1) * config.grad_accum * world
         window = [self._to_device(self.batches[first + j * world + rank]) for j in range(config.grad_accum)]
-        total = distributed.sum_across_ranks(sum(self.count(batch) for batch in window), self.precision.device)
+        total = int(distributed.sum_across_ranks(sum(self.count(batch) for batch in window), self.precision.device))
         loss_total, metrics = 0.0, {}
         for batch in window:
             with self.precision.autocast():
@@ -162,7 +162,7 @@ class Trainer:
             for key, value in batch_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + value
         distributed.sum_gradients(self.model)
-        loss_total = distributed.sum_across_ranks_float(loss_total, self.precision.device)
+        loss_total = distributed.sum_across_ranks(loss_total, self.precision.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
