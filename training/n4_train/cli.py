@@ -12,6 +12,7 @@ import threading
 from n4_train.checkpoint import CheckpointError
 from n4_train.precision import PRECISIONS, PrecisionError
 from n4_train.tokenization import DataError
+from n4_train.trainer import TrainingInterrupted
 
 _DEFAULTS = {  # per stage: (lr, warmup, weight decay, seq len, max steps)
     "pretrain": (3e-3, 100, 0.1, 256, 1000),
@@ -94,8 +95,8 @@ def run(args) -> int:
 
 
 def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler preempting the job, `docker stop`) takes the Ctrl-C path, which saves the last finished
-    step, instead of killing the run and losing everything since the last --save-every."""
+    """SIGTERM outside the training loop (loading data, exporting) exits like Ctrl-C, with a message; inside the
+    loop the trainer stops at the next step boundary and saves that step (trainer.StopOnSignal)."""
     def handler(signum, frame):
         raise KeyboardInterrupt
     if threading.current_thread() is threading.main_thread():
@@ -111,8 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, PrecisionError, ValueError, OSError) as e:
         print(f"n4-train {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        what = (f"state of step {e.step} saved, continue with --resume" if e.saved
+                else "a second signal arrived mid-update, so nothing was saved after the last --save-every state")
+        print(f"n4-train {args.stage}: interrupted; {what}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print(f"n4-train {args.stage}: interrupted; state saved, continue with --resume", file=sys.stderr)
+        print(f"n4-train {args.stage}: interrupted outside the training loop (a state saved earlier, if any, "
+              "continues with --resume)", file=sys.stderr)
         return 130
 
 

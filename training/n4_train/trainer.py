@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +27,41 @@ from n4_train.precision import Precision
 
 STATE_DIR = "trainer_state"
 LOG_FILE = "train_log.jsonl"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped on Ctrl-C or SIGTERM; `saved` tells whether the last finished step was saved for --resume."""
+
+    def __init__(self, step: int, saved: bool):
+        super().__init__(step, saved)
+        self.step, self.saved = step, saved
+
+
+class StopOnSignal:
+    """Within the loop, SIGINT and SIGTERM (Ctrl-C, a scheduler preempting the job, `docker stop`) only ask the loop
+    to stop at the next step boundary. An exception raised at an arbitrary point could land inside optimizer.step()
+    (half-updated weights saved as the previous step) or between a step and its log line (a saved step the log never
+    recorded: seen in CI). A second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
@@ -120,21 +157,32 @@ class Trainer:
         self.model.train()
         last: dict = {}
         progress = tqdm(total=config.max_steps, initial=self.step, desc="train", disable=not sys.stderr.isatty())
+        self._updating = False  # True from optimizer.step() until the step is logged: no consistent state to save
         try:
-            while self.step < config.max_steps:
-                start = time.perf_counter()
-                last = self._one_step()
-                last["step_time_s"] = round(time.perf_counter() - start, 4)
-                self._log(last)
-                progress.update(1)
-                progress.set_postfix(loss=f"{last['loss']:.4f}")
-                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
-                    self._run_eval()
-                if config.save_every and self.step % config.save_every == 0:
-                    self.save_state()
-        except KeyboardInterrupt:
-            self.save_state()  # the last finished step survives an interrupt; --resume continues from it
+            with StopOnSignal() as stop:
+                while self.step < config.max_steps:
+                    start = time.perf_counter()
+                    last = self._one_step()
+                    last["step_time_s"] = round(time.perf_counter() - start, 4)
+                    self._log(last)
+                    self._updating = False
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{last['loss']:.4f}")
+                    if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
+                        self._run_eval()
+                    if config.save_every and self.step % config.save_every == 0:
+                        self.save_state()
+                    # Every rank stops after the same step, or the others would wait forever in the next collective.
+                    if distributed.sum_across_ranks(float(stop.requested), self.precision.device) > 0:
+                        self.save_state()
+                        raise TrainingInterrupted(self.step, saved=True)
+        except TrainingInterrupted:
             raise
+        except KeyboardInterrupt as e:  # a second signal, or one raised by the stage's own code
+            if self._updating:
+                raise TrainingInterrupted(self.step, saved=False) from e
+            self.save_state()  # mid-step, before the update: the last finished step is intact
+            raise TrainingInterrupted(self.step, saved=True) from e
         finally:
             progress.close()
         self.save_state()
@@ -164,6 +212,7 @@ class Trainer:
         distributed.sum_gradients(self.model)
         loss_total = distributed.sum_across_ranks(loss_total, self.precision.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad or float("inf"))
+        self._updating = True
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step

@@ -12,7 +12,7 @@ from n4_train.modeling import TrainableNemotron
 from n4_train.precision import resolve_precision
 from n4_train.stages import _lm_count, _lm_objective
 from n4_train.tokenization import TrainTokenizer
-from n4_train.trainer import TrainConfig, Trainer, learning_rate
+from n4_train.trainer import TrainConfig, Trainer, TrainingInterrupted, learning_rate
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -76,6 +76,46 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(rows, tmp_path):
     assert len(steps) == 6  # the log holds each step once
 
 
+def _signal_during_update(trainer, at_step: int, signals: int):
+    """Deliver `signals` SIGTERMs from inside optimizer.step() of step `at_step` (the racy spot: weights half-updated,
+    the step neither counted nor logged)."""
+    import os
+    import signal
+    update = trainer.optimizer.step
+
+    def step_and_signal(*args, **kwargs):
+        if trainer.step + 1 == at_step:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before os.kill returns, in this thread
+        return update(*args, **kwargs)
+
+    trainer.optimizer.step = step_and_signal
+
+
+def test_a_signal_mid_update_finishes_logs_and_saves_that_step(rows, tmp_path):
+    trainer = _trainer(rows, tmp_path / "run")
+    _signal_during_update(trainer, at_step=3, signals=1)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train()
+    assert stopped.value.saved and stopped.value.step == 3
+    logged = [line for line in open(tmp_path / "run" / "train_log.jsonl")]
+    assert len(logged) == 3  # the saved step is the last logged one
+    resumed = _trainer(rows, tmp_path / "run")
+    assert resumed.resume() and resumed.step == 3
+    for name, value in _weights(trainer).items():  # the saved weights are the whole update of step 3
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_a_second_signal_mid_update_stops_at_once_without_saving_half_updated_weights(rows, tmp_path):
+    trainer = _trainer(rows, tmp_path / "run", save_every=2)
+    _signal_during_update(trainer, at_step=3, signals=2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train()
+    assert not stopped.value.saved
+    resumed = _trainer(rows, tmp_path / "run")
+    assert resumed.resume() and resumed.step == 2  # the last regular save, not the interrupted update
+
+
 def test_gradient_accumulation_matches_one_big_batch(rows, tmp_path):
     big = _trainer(rows, tmp_path / "big", batch_size=4, grad_accum=1, max_steps=3)
     big.train()
@@ -111,11 +151,11 @@ def test_sigterm_saves_the_last_step_and_resume_finishes(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "state saved, continue with --resume" in err
     states = os.listdir(output / "trainer_state")
     assert len(states) == 1
     saved_step = torch.load(output / "trainer_state" / states[0], weights_only=False)["step"]
     assert saved_step >= 3
+    assert proc.returncode == 130 and f"state of step {saved_step} saved, continue with --resume" in err
     # Starting over into the same directory is refused rather than mixing two runs.
     again = subprocess.run([*command[:-4], "--max-steps", "5"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already holds a training state: pass --resume" in again.stderr
