@@ -47,6 +47,14 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight)  # [..., out]
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """On the CPU, fp32 weights are stored column-major (still [out, in], strides (1, out)): the CPU GEMM is
+        faster on x @ W^T with W^T contiguous. An 8-layer, 512-wide model's decode step at batch 16, 2 threads:
+        23.6 -> 20.5 ms. Same values, so every op reading the weight gives the same result."""
+        weight = layer.weight
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2:
+            weight.data = weight.data.t().contiguous().t()
+
     def squared_relu_mlp(self, up: nn.Module, down: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
         if not isinstance(down.linear_method, UnquantizedLinearMethod):
             return super().squared_relu_mlp(up, down, x, ops)  # down_proj is quantized, up_proj not
