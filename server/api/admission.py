@@ -40,7 +40,7 @@ class Admission:
         """Engine requests admitted but not running: in the scheduler's waiting queue (preempted ones included)
         or still on their way to it. Counted here rather than read from the scheduler alone, so that a burst
         arriving within one event-loop turn sees its own earlier members."""
-        return max(self.admitted - self.engine.engine.scheduler.num_running, 0)
+        return max(self.admitted - self.engine.snapshot().num_running, 0)
 
     def admit(self, count: int) -> Ticket:
         if self.draining:

@@ -34,12 +34,12 @@ class ClientDisconnected(Exception):
 def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
               config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
-    max_model_len = engine.engine.config.max_model_len
+    max_model_len = engine.max_model_len
     admission = Admission(engine, config.max_queue_len)
     metrics = ServerMetrics(engine, model_name)
     serving = OpenAIServing(engine, tokenizer, model_name, max_model_len, admission, metrics)
     # A reward checkpoint scores conversations instead of generating (server/api/rewards.py).
-    reward_serving = RewardServing(serving) if engine.engine.model_config.is_reward else None
+    reward_serving = RewardServing(serving) if engine.model_config.is_reward else None
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -80,7 +80,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
 
     @app.get("/health")
     async def health():
-        # 503 until the engine thread runs, after it died, and while draining (the guard answers that first).
+        # 503 until the engine runs, after it died, and while draining (the guard answers that first).
         return Response(status_code=200 if engine.is_running and not admission.draining else 503)
 
     @app.get("/version")

@@ -50,9 +50,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "auto: the model dtype")
 
 
-def _build_engine(args):
-    from server.engine.engine import LLMEngine
-
+def _engine_settings(args):
+    """-> (model_config, engine_config, dtype) from the flags, checked before any model loads."""
     model_config = get_config(args.model)
     device = "cuda" if _cuda_available() else "cpu"
     dtype = args.dtype
@@ -74,46 +73,46 @@ def _build_engine(args):
         kernel_backend=args.kernel_backend or default_backend(), enforce_eager=args.enforce_eager, device=device,
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
         tp_timeout_s=args.tp_timeout)
+    return model_config, engine_config, dtype
+
+
+def _build_engine(args):
+    """An in-process LLMEngine (n4 generate, n4 bench throughput) and the tokenizer."""
+    from server.engine.engine_process import engine_info
+    from server.engine.engine import LLMEngine
+
+    _, engine_config, dtype = _engine_settings(args)
     engine = LLMEngine.from_pretrained(args.model, engine_config, dtype=dtype, load_format=args.load_format,
                                        quantization=args.quantization)
     try:
-        return _describe(args, engine, model_config, engine_config, device, max_model_len)
+        _log_engine(args, engine_info(engine))
+        return engine, _tokenizer(args)
     except BaseException:
         engine.close()
         raise
 
 
-def _describe(args, engine, model_config, engine_config, device, max_model_len):
+def _tokenizer(args):
     from server.api.tokenizer import Tokenizer
 
     tokenizer_dir = args.model if os.path.isfile(os.path.join(args.model, "tokenizer.model")) else DEMO_MODEL
     if tokenizer_dir != args.model:
         logger.warning("%s has no tokenizer.model; using the demo model's tokenizer", args.model)
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    model = engine.runner.model
-    compute_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    weights = model.linear_method.describe()  # e.g. "fp8 per-channel weights, dynamic per-token activations (...)"
-    weights = f"{compute_dtype} weights" if weights == "unquantized" else weights
-    kv_dtype = str(engine.runner.kv_caches[0].dtype).replace("torch.", "")
+    return Tokenizer.from_pretrained(tokenizer_dir)
+
+
+def _log_engine(args, info) -> None:
+    model_config, engine_config = info.model_config, info.engine_config
     logger.info("model %s: %d layers, hidden %d, %s, %s compute on %s, %s kernels; KV cache %s, %d "
                 "blocks of %d tokens = %d tokens, %.1f concurrent sequences of %d tokens", args.model,
-                model_config.num_hidden_layers, model_config.hidden_size, weights, compute_dtype, device,
-                engine_config.kernel_backend, kv_dtype, engine.num_blocks, engine_config.block_size,
-                engine.num_blocks * engine_config.block_size, engine.max_concurrency, max_model_len)
-    if engine.executor is not None:
-        per_rank = ", ".join(f"rank {r}: {b / 2**20:.1f} MiB" for r, b in sorted(engine.executor.rank_param_bytes.items()))
-        logger.info("tensor parallel size %d (worker pids %s); weights %s", engine.tensor_parallel_size,
-                    ", ".join(str(p.pid) for p in engine.executor.procs), per_rank)
-    return engine, tokenizer
-
-
-def _leave_a_core_for_the_server() -> None:
-    """On the CPU the engine thread's torch ops, the HTTP event loop (and often the client) share the cores; torch
-    defaulting to every core makes its intra-op workers spin against them. Measured on 2 cores, 8 concurrent
-    streams of the demo model: ~1040 output tok/s with 1 torch thread vs ~870 with 2. OMP_NUM_THREADS wins."""
-    import torch
-    if "OMP_NUM_THREADS" not in os.environ and (os.cpu_count() or 1) > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+                model_config.num_hidden_layers, model_config.hidden_size, info.weights, info.compute_dtype,
+                engine_config.device, engine_config.kernel_backend, info.kv_cache_dtype, info.num_blocks,
+                engine_config.block_size, info.num_blocks * engine_config.block_size, info.max_concurrency,
+                engine_config.max_model_len)
+    if info.worker_pids:
+        per_rank = ", ".join(f"rank {r}: {mib:.1f} MiB" for r, mib in sorted(info.rank_param_mib.items()))
+        logger.info("tensor parallel size %d (worker pids %s); weights %s", engine_config.tensor_parallel_size,
+                    ", ".join(str(p) for p in info.worker_pids), per_rank)
 
 
 def _cuda_available() -> bool:
@@ -125,28 +124,32 @@ def serve(args) -> None:
     from server.api import lifecycle
     from server.api.app import build_app
     from server.api.config import ServerConfig
-    from server.engine.engine import AsyncEngine
+    from server.engine.engine_process import EngineProcess, EngineSpec
 
     # Checked before the model loads, so a bad flag fails in a second rather than after minutes.
     server_config = ServerConfig(api_key=args.api_key or os.environ.get("N4_API_KEY") or None,
                                  max_queue_len=args.max_queue_len,
                                  max_request_body_bytes=args.max_request_body_bytes,
                                  shutdown_timeout=args.shutdown_timeout)
-    if not _cuda_available():
-        _leave_a_core_for_the_server()
+    _, engine_config, dtype = _engine_settings(args)
+    tokenizer = _tokenizer(args)
+    spec = EngineSpec(args.model, engine_config, dtype=dtype, load_format=args.load_format,
+                      quantization=args.quantization, log_level=logging.getLogger().level)
     loading = lifecycle.LoadingResponder(args.host, args.port).start()   # /health 503 until the model is up
     try:
-        engine, tokenizer = _build_engine(args)
+        engine = EngineProcess.launch(spec)   # the model loads in the engine process
     finally:
         loading.stop()
     try:
+        _log_engine(args, engine.info)
+        logger.info("engine process pid %d", engine.info.pid)
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-        app = build_app(AsyncEngine(engine), tokenizer, name, server_config)
+        app = build_app(engine, tokenizer, name, server_config)
         logger.info("serving %r on http://%s:%d%s", name, args.host, args.port,
                     " (API key required)" if server_config.api_key else "")
         lifecycle.run(app, args.host, args.port, args.log_level, server_config.shutdown_timeout)
     finally:
-        engine.close()  # the other tensor-parallel ranks, however serving ended
+        engine.shutdown()  # the engine process and its tensor-parallel ranks, however serving ended
 
 
 def generate(args) -> None:

@@ -6,13 +6,14 @@ On SIGTERM (or a first Ctrl-C):
 2. In-flight requests run on for up to --shutdown-timeout seconds.
 3. Whatever is still running then is aborted: its client gets a normal end with finish_reason "abort" (the
    final stream chunk and [DONE], or the JSON body).
-4. Once the last response is out, the lifespan stops the engine thread and the process exits 0.
+4. Once the last response is out, the lifespan stops the engine (its process, under `n4 serve`) and the process
+   exits 0.
 A second Ctrl-C exits at once; uvicorn's own deadline (--shutdown-timeout + GRACE_SECONDS) cancels any handler
 that still hangs after the aborts.
 
-A fatal engine failure (a tensor-parallel rank died or hung) ends serving at once: in-flight requests have
-already received the error, /health answers 503 until the socket closes, and the process exits with status 1
-and a message naming the rank.
+A fatal engine failure (a tensor-parallel rank died or hung, or the engine process vanished) ends serving at once:
+in-flight requests have already received the error, /health answers 503 until the socket closes, and the process
+exits with status 1 and a message naming the rank or the engine process's exit status.
 """
 from __future__ import annotations
 

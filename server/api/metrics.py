@@ -30,30 +30,29 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 
 
 class _EngineCollector:
-    """Scheduler and KV-cache state, read at scrape time. Plain int/float reads of objects the engine thread
-    updates: each read is atomic under the GIL, and a scrape needs no cross-field consistency."""
+    """Scheduler and KV-cache state, read at scrape time from the engine's snapshot (live in-thread; as of the
+    last step for an engine process)."""
 
     def __init__(self, engine: AsyncEngine, model_name: str):
         self.engine = engine
         self.model_name = model_name
 
     def collect(self):
-        llm = self.engine.engine
-        scheduler, blocks = llm.scheduler, llm.block_manager
-        gauges = [("num_requests_running", "Requests in the engine's running batch.", scheduler.num_running),
+        snap = self.engine.snapshot()
+        gauges = [("num_requests_running", "Requests in the engine's running batch.", snap.num_running),
                   ("num_requests_waiting", "Requests waiting to be scheduled (preempted ones included).",
-                   scheduler.num_waiting),
-                  ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", blocks.usage)]
+                   snap.num_waiting),
+                  ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", snap.kv_cache_usage)]
         for name, doc, value in gauges:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family
-        counters = [("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", llm.stats.prompt_tokens),
-                    ("generation_tokens", "Tokens generated.", llm.stats.generation_tokens),
-                    ("num_preemptions", "Requests preempted for lack of KV blocks.", scheduler.num_preemptions),
+        counters = [("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", snap.prompt_tokens),
+                    ("generation_tokens", "Tokens generated.", snap.generation_tokens),
+                    ("num_preemptions", "Requests preempted for lack of KV blocks.", snap.num_preemptions),
                     ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                     blocks.prefix_cache_queries),
-                    ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", blocks.prefix_cache_hits)]
+                     snap.prefix_cache_queries),
+                    ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", snap.prefix_cache_hits)]
         for name, doc, value in counters:
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value)

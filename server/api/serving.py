@@ -84,7 +84,7 @@ class OpenAIServing:
     @property
     def tokenizer_vocab_limit(self) -> int:
         # Ids a request may name: known to the model and to the tokenizer (echo and logprobs decode them).
-        return min(self.engine.engine.model_config.vocab_size, self.tokenizer.vocab_size)
+        return min(self.engine.model_config.vocab_size, self.tokenizer.vocab_size)
 
     def _check_length(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
         """Returns the effective max_tokens; a request over the context is a 400 in vLLM's wording."""

@@ -1,6 +1,7 @@
 """The engine: one step = schedule -> run -> postprocess. `LLMEngine` is synchronous (offline use, tests);
 `AsyncEngine` steps it in its own thread and hands outputs to asyncio consumers, so the HTTP event loop
-never waits on the model."""
+never waits on the model. `n4 serve` runs the engine in its own process instead (server/engine/engine_process.py,
+the same interface), so that the engine's Python does not share a GIL with the event loop."""
 from __future__ import annotations
 
 import asyncio
@@ -55,6 +56,20 @@ class EngineStats:
     """Token counters since start (preemptions are counted by the scheduler)."""
     prompt_tokens: int = 0
     generation_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The scheduler and KV-cache state the API layer reads (admission, /metrics): what an engine in another
+    process reports after each step."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class LLMEngine:
@@ -179,6 +194,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests
 
+    def snapshot(self) -> EngineSnapshot:
+        scheduler, blocks = self.scheduler, self.block_manager
+        return EngineSnapshot(scheduler.num_running, scheduler.num_waiting, blocks.usage, self.stats.prompt_tokens,
+                              self.stats.generation_tokens, scheduler.num_preemptions, blocks.prefix_cache_queries,
+                              blocks.prefix_cache_hits)
+
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -274,6 +295,20 @@ class AsyncEngine:
         self._fatal_lock = threading.Lock()
         if engine.executor is not None:
             engine.executor.on_failure.append(self._die)
+
+    # What the API layer reads; EngineProcess (server/engine/engine_process.py) offers the same.
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    def snapshot(self) -> EngineSnapshot:
+        """Plain int/float reads of state the engine thread updates: each is atomic under the GIL, and no reader
+        needs the fields consistent with each other."""
+        return self.engine.snapshot()
 
     @property
     def is_running(self) -> bool:

@@ -1,0 +1,361 @@
+"""The engine in its own process, as `n4 serve` runs it: the API server's process keeps HTTP, tokenization and
+detokenization; a child process loads the model and loops schedule -> run -> postprocess.
+
+Why a process and not a thread: in one process the engine's Python (hundreds of small torch calls per step) and the
+event loop take turns on one GIL, and every turn the event loop takes stalls the step. On the 2-core CI machine,
+an 8-layer 512-wide fp32 model at 16 concurrent streams stepped in ~45 ms over HTTP against ~29 ms offline.
+
+Wire protocol (multiprocessing pipes, pickled tuples):
+- parent -> child: ("add", (request_id, prompt_token_ids, params)), ("abort", ids), ("stop", ids), ("shutdown", None)
+- child -> parent: ("ready", EngineInfo) or ("load_failed", (kind, message)) once; then ("outputs", (outputs,
+  EngineSnapshot)) per step that produced anything, and ("dead", (message, fatal)) when the engine cannot go on.
+A fatal death (a tensor-parallel rank failed, or the engine process itself vanished) runs `fatal_callbacks`: the
+server exits non-zero. A non-fatal one (a step raised) leaves the server up, answering 503 on /health.
+
+The child ignores SIGINT (the server drains on Ctrl-C, then stops it) and exits when its parent is gone (end of
+file on the command pipe), so no engine outlives its server.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import queue
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from model.config import ModelConfig
+from server.engine.config import EngineConfig
+from server.engine.engine import EngineDeadError, EngineSnapshot, RequestOutput, _ErrorOutput
+from server.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+_IDLE_POLL_S = 0.5      # how often an idle engine checks for a vanished parent
+_LOAD_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the child needs to build LLMEngine.from_pretrained, and its log level. torch keeps its default thread
+    count (the cores) in the engine process: on 2 cores, 16 streams of the issue's grid model gave 526 output
+    tok/s with 2 threads against 366 with 1 (the API process needs little CPU once the GIL is not shared)."""
+    model: str
+    engine_config: EngineConfig
+    dtype: str = "auto"
+    load_format: str = "auto"
+    quantization: str | None = None
+    log_level: int = logging.INFO
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the loaded engine tells the server once: its configs and the facts the startup log states."""
+    model_config: ModelConfig
+    engine_config: EngineConfig
+    num_blocks: int
+    max_concurrency: float
+    weights: str                 # e.g. "float32 weights" or the FP8 scheme
+    compute_dtype: str
+    kv_cache_dtype: str
+    pid: int
+    worker_pids: list[int] = field(default_factory=list)
+    rank_param_mib: dict[int, float] = field(default_factory=dict)
+
+
+class EngineProcess:
+    """AsyncEngine's interface (generate, abort, stop_request, snapshot, is_running, start, shutdown,
+    fatal_callbacks) over an engine in a child process. `launch()` starts the child and returns once the model is
+    loaded, or raises the child's load error (ValueError / OSError keep their type, for the CLI's one-line
+    message)."""
+
+    def __init__(self, proc: mp.process.BaseProcess, commands, outputs, info: EngineInfo):
+        self._proc = proc
+        self._commands_conn = commands
+        self._outputs_conn = outputs
+        self.info = info
+        self._snapshot = EngineSnapshot()
+        self._outbox: queue.Queue = queue.Queue()   # commands, sent by a thread so the event loop never blocks
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
+        self._closing = False
+        self.error: BaseException | None = None
+        self.fatal_callbacks: list = []
+        self._fatal_lock = threading.Lock()
+
+    @classmethod
+    def launch(cls, spec: EngineSpec) -> "EngineProcess":
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads, locks or CUDA state
+        commands_recv, commands_send = ctx.Pipe(duplex=False)
+        outputs_recv, outputs_send = ctx.Pipe(duplex=False)
+        # Not a daemon: the engine starts its own tensor-parallel worker processes, which daemons may not.
+        proc = ctx.Process(target=_engine_main, args=(spec, commands_recv, outputs_send), name="n4-engine")
+        proc.start()
+        commands_recv.close()
+        outputs_send.close()
+        try:
+            info = _wait_ready(proc, outputs_recv)
+        except BaseException:
+            _stop_process(proc, timeout=5.0)
+            raise
+        return cls(proc, commands_send, outputs_recv, info)
+
+    # ---- what the API layer reads -------------------------------------------------------------------------
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.info.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.engine_config.max_model_len
+
+    def snapshot(self) -> EngineSnapshot:
+        """As of the engine's last step (or command) that produced output."""
+        return self._snapshot
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self._threads) and self._proc.is_alive() and self.error is None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for target, name in ((self._receive, "n4-engine-recv"), (self._send, "n4-engine-send")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask the engine process to stop (it stops its tensor-parallel ranks), then make sure it is gone."""
+        self._closing = True
+        self._outbox.put(("shutdown", None))
+        if not self._threads:  # never started: no sender thread to deliver the message
+            with contextlib.suppress(OSError):
+                self._commands_conn.send(("shutdown", None))
+        self._proc.join(timeout)
+        _stop_process(self._proc, timeout=5.0)
+        self._outbox.put(None)
+        with contextlib.suppress(OSError):
+            self._commands_conn.close()
+
+    close = shutdown
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running ({self.error})" if self.error else
+                                  "the engine is not running")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._outbox.put(("add", (request_id, list(prompt_token_ids), params)))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away (client disconnect, stop string, error): free its blocks
+                self._outbox.put(("abort", [request_id]))
+
+    def abort(self, request_id: str) -> None:
+        self._outbox.put(("abort", [request_id]))
+
+    def stop_request(self, request_id: str) -> None:
+        """Finish a request as stopped; its stream receives a final output with finish_reason 'stop'."""
+        self._outbox.put(("stop", [request_id]))
+
+    # ---- the two pipe threads -----------------------------------------------------------------------------
+    def _send(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._commands_conn.send(message)
+            except (OSError, ValueError):  # the engine process is gone; the receiver reports it
+                return
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                kind, payload = self._outputs_conn.recv()
+            except (EOFError, OSError):
+                if not self._closing:
+                    self._proc.join(1.0)
+                    self._die(EngineDeadError(f"the engine process exited ({_exit_status(self._proc.exitcode)})"),
+                              fatal=True)
+                return
+            if kind == "outputs":
+                outputs, self._snapshot = payload
+                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+            elif kind == "dead":
+                message, fatal = payload
+                self._die(EngineDeadError(message), fatal)
+
+    def _die(self, error: EngineDeadError, fatal: bool) -> None:
+        with self._fatal_lock:
+            first = self.error is None
+            if first:
+                self.error = error
+        if not first:
+            return
+        logger.error("%s", error)
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may already be closed at exit
+                self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine failed: {error}"))
+        if fatal:
+            for callback in list(self.fatal_callbacks):
+                callback(error)
+
+    def _dispatch(self, outputs: list) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out.error if isinstance(out, _ErrorOutput) else out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+
+
+def _wait_ready(proc, conn) -> EngineInfo:
+    while not conn.poll(_LOAD_POLL_S):
+        if not proc.is_alive():
+            raise RuntimeError(f"the engine process exited while loading ({_exit_status(proc.exitcode)})")
+    try:
+        kind, payload = conn.recv()
+    except EOFError:
+        proc.join(5.0)
+        raise RuntimeError(f"the engine process exited while loading ({_exit_status(proc.exitcode)})") from None
+    if kind == "load_failed":
+        error_kind, message = payload
+        raise {"value": ValueError, "os": OSError}.get(error_kind, RuntimeError)(message)
+    return payload
+
+
+def _stop_process(proc, timeout: float) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout)
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+# ---- the child ------------------------------------------------------------------------------------------------
+
+def _engine_main(spec: EngineSpec, commands, outputs) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server drains, then stops us
+    logging.basicConfig(level=spec.log_level, format="%(levelname)s %(name)s: %(message)s")
+    from server.engine.engine import LLMEngine
+    try:
+        engine = LLMEngine.from_pretrained(spec.model, spec.engine_config, dtype=spec.dtype,
+                                           load_format=spec.load_format, quantization=spec.quantization)
+    except BaseException as e:  # noqa: BLE001 — every load failure goes back to the server as one message
+        kind = "value" if isinstance(e, ValueError) else "os" if isinstance(e, OSError) else "other"
+        with contextlib.suppress(OSError):
+            outputs.send(("load_failed", (kind, str(e) if kind != "other" else f"{type(e).__name__}: {e}")))
+        if kind == "other":
+            logging.getLogger(__name__).exception("the engine failed to load")
+        return
+    try:
+        _EngineLoop(engine, commands, outputs).run()
+    finally:
+        engine.close()
+
+
+class _EngineLoop:
+    def __init__(self, engine, commands, outputs):
+        self.engine = engine
+        self.commands = commands
+        self.outputs = outputs
+        self._send_lock = threading.Lock()  # the tensor-parallel monitor thread may report a failure meanwhile
+        self._dead = threading.Event()
+        if engine.executor is not None:
+            engine.executor.on_failure.append(lambda failure: self._report_death(str(failure), fatal=True))
+
+    def run(self) -> None:
+        from server.engine.worker import WorkerFailure
+        self._send("ready", engine_info(self.engine))
+        while not self._dead.is_set():
+            try:
+                outputs, stop = self._drain_commands(block=not self.engine.has_unfinished_requests())
+            except (EOFError, OSError):
+                return  # the server is gone
+            if stop:
+                return
+            try:
+                if self.engine.has_unfinished_requests():
+                    outputs += self.engine.step()
+            except BaseException as e:  # noqa: BLE001 — any failure ends the engine; the server must hear of it
+                fatal = isinstance(e, WorkerFailure) or self.engine.executor is not None
+                logging.getLogger(__name__).exception("engine step failed")
+                self._report_death(str(e) if isinstance(e, WorkerFailure) else f"engine failed: {e!r}", fatal)
+                return
+            if outputs:
+                try:
+                    self._send("outputs", (outputs, self.engine.snapshot()))
+                except OSError:
+                    return
+
+    def _drain_commands(self, block: bool) -> tuple[list, bool]:
+        outputs: list = []
+        while self.commands.poll(_IDLE_POLL_S if block else 0):
+            block = False
+            kind, arg = self.commands.recv()
+            if kind == "shutdown":
+                return outputs, True
+            if kind == "add":
+                request_id, prompt, params = arg
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except ValueError as e:
+                    outputs.append(_ErrorOutput(request_id, e))
+            elif kind == "abort":
+                outputs += self.engine.abort(arg)
+            elif kind == "stop":
+                outputs += self.engine.stop(arg)
+        return outputs, False
+
+    def _report_death(self, message: str, fatal: bool) -> None:
+        if self._dead.is_set():
+            return
+        self._dead.set()
+        with contextlib.suppress(OSError):
+            self._send("dead", (message, fatal))
+
+    def _send(self, kind: str, payload) -> None:
+        with self._send_lock:
+            self.outputs.send((kind, payload))
+
+
+def engine_info(engine) -> EngineInfo:
+    import os
+    model = engine.runner.model
+    compute_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    weights = model.linear_method.describe()
+    weights = f"{compute_dtype} weights" if weights == "unquantized" else weights
+    executor = engine.executor
+    return EngineInfo(
+        model_config=engine.model_config, engine_config=engine.config, num_blocks=engine.num_blocks,
+        max_concurrency=engine.max_concurrency, weights=weights, compute_dtype=compute_dtype,
+        kv_cache_dtype=str(engine.runner.kv_caches[0].dtype).replace("torch.", ""), pid=os.getpid(),
+        worker_pids=[p.pid for p in executor.procs] if executor is not None else [],
+        rank_param_mib={r: b / 2**20 for r, b in executor.rank_param_bytes.items()} if executor is not None else {})
