@@ -20,6 +20,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -36,7 +37,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     k_scale / v_scale dequantize the cache: the key (value) used is stored.float() * k_scale (v_scale). With an FP8
     E4M3 cache they are the checkpoint's per-tensor `self_attn.k_scale` / `v_scale`; with a bf16/fp16/fp32 cache 1.0.
 
-    Vectorized over the batch: gather every sequence's K/V into a padded [B, max_seq_len, Hkv, D], pad the queries
+    Vectorized over the batch: gather every sequence's K/V blocks into a padded [B, S, Hkv, D], pad the queries
     to [B, max_query_len, Hq, D], mask, attend, and scatter the valid rows back to the flat layout.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -53,33 +54,42 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     seq_lens = seq_lens.long()                           # [B] cached + new
     ctx_lens = seq_lens - q_lens                         # [B] tokens cached before this step
 
-    # Keys: position j of sequence b sits in slot block_tables[b, j // BS] * BS + j % BS.
-    k_pos = torch.arange(max_seq_len, device=device)                       # [S]
-    blocks = block_tables.long()[:, k_pos // block_size]                   # [B, S]
-    slots = blocks * block_size + k_pos % block_size                       # [B, S]
+    # Keys: position j of sequence b sits at row j % BS of block block_tables[b, j // BS]; whole blocks are
+    # gathered (index_select over blocks is ~2x faster on the CPU than indexing slot by slot).
+    blocks = -(-max_seq_len // block_size)
+    span = blocks * block_size                                             # S
+    tables = block_tables[:, :blocks].reshape(-1).long()                   # [B * S / BS]
+    k_pos = torch.arange(span, device=device)                              # [S]
     key_valid = k_pos[None, :] < seq_lens[:, None]                         # [B, S]
-    k = k_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slots].float() * k_scale  # [B, S, Hkv, D]
-    v = v_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slots].float() * v_scale  # [B, S, Hkv, D]
-    # Zero V outside each sequence so that garbage there (even NaN) cannot leak through a 0 probability.
-    v = v.masked_fill(~key_valid[:, :, None, None], 0.0)                   # [B, S, Hkv, D] fp32
+    # Zero K and V outside each sequence: garbage there (even NaN) must not leak through a masked score or a
+    # probability of 0. The gathered tensors are new, so this is in place.
+    outside = ~key_valid[:, :, None, None]                                 # [B, S, 1, 1]
+    k = k_cache.index_select(0, tables).view(num_seqs, span, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, tables).view(num_seqs, span, num_kv_heads, head_dim)
+    k = k.float().masked_fill_(outside, 0.0).transpose(1, 2)               # [B, Hkv, S, D] fp32
+    v = v.float().masked_fill_(outside, 0.0).transpose(1, 2)               # [B, Hkv, S, D] fp32
 
-    # Queries: padded row i of sequence b is flat row starts[b] + i, when i < q_lens[b].
+    # Queries: padded row i of sequence b is flat row starts[b] + i, when i < q_lens[b]. Each KV head's G query
+    # heads are laid out as one sequence of G * Q rows, so one attention call covers the group (GQA).
     q_idx = torch.arange(max_query_len, device=device)                     # [Q]
     query_valid = q_idx[None, :] < q_lens[:, None]                         # [B, Q]
     rows = torch.where(query_valid, starts[:, None] + q_idx[None, :], 0)   # [B, Q] (padding reads row 0)
-    q_pad = q[rows].float()                                                # [B, Q, Hq, D] fp32
-    q_pad = q_pad.view(num_seqs, max_query_len, num_kv_heads, group, head_dim)  # [B, Q, Hkv, G, D]
+    q_pad = q[rows].float().view(num_seqs, max_query_len, num_kv_heads, group, head_dim)  # [B, Q, Hkv, G, D]
+    q_rows = q_pad.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, group * max_query_len, head_dim)
 
     # Causal mask in absolute positions: query i of sequence b is at position ctx_lens[b] + i.
     q_pos = ctx_lens[:, None] + q_idx[None, :]                             # [B, Q]
     allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]  # [B, Q, S]
+    allowed = allowed[:, None, None].expand(num_seqs, 1, group, max_query_len, span)
+    allowed = allowed.reshape(num_seqs, 1, group * max_query_len, span)   # [B, 1, G * Q, S]
 
-    scores = torch.einsum("bqhgd,bshd->bhgqs", q_pad, k) * scale           # [B, Hkv, G, Q, S] fp32
-    scores = scores.masked_fill(~allowed[:, None, None, :, :], float("-inf"))
-    # A row with no allowed key at all (padding of an empty sequence) turns NaN here; such rows are dropped below.
-    probs = torch.softmax(scores, dim=-1)                                  # [B, Hkv, G, Q, S] fp32
-    out_pad = torch.einsum("bhgqs,bshd->bqhgd", probs, v)                  # [B, Q, Hkv, G, D] fp32
-    out_pad = out_pad.reshape(num_seqs, max_query_len, num_heads, head_dim)  # [B, Q, Hq, D]
+    # softmax(q k^T * scale * k_scale) (v * v_scale), the per-tensor scales folded into the score scale and the
+    # output: one fused op instead of einsum / mask / softmax / einsum. A row with no allowed key at all (padding
+    # of an empty sequence) comes out NaN; such rows are dropped below.
+    out_rows = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=allowed,
+                                              scale=scale * k_scale) * v_scale  # [B, Hkv, G * Q, D] fp32
+    out_pad = out_rows.view(num_seqs, num_kv_heads, group, max_query_len, head_dim)
+    out_pad = out_pad.permute(0, 3, 1, 2, 4).reshape(num_seqs, max_query_len, num_heads, head_dim)  # [B, Q, Hq, D]
 
     out[rows[query_valid]] = out_pad[query_valid].to(q.dtype)              # [T_valid, Hq, D] back to flat rows
     return out

@@ -10,9 +10,12 @@ The references. The FP8 model quantizes activations too, so plain dequantized we
   input_scale; the down projection's input per token per 128 columns, as the fused MLP does). Both then compute the
   same function: the logits differ by fp32 summation order (observed <= 3e-6), except that a value lying within fp32
   noise of an E4M3 rounding midpoint rounds to the other neighbour in one of them, one E4M3 step (2^-3 of its
-  binade) on one element; that was seen in 2 of 21 runs (5.7e-4 on the logits). TIGHT_ATOL = 5e-3 leaves 10x
-  above that and is still ~100x below the effect of activation quantization itself (max |diff| 0.56-1.2 below),
-  so a wrong scale, shard order or requantization cannot pass.
+  binade) on one element; that was seen in 2 of 21 runs (5.7e-4 on the logits). A flip on the largest element of
+  a per-token group moves that token's scale and so the whole group: with the prefill attention reference on
+  `scaled_dot_product_attention` (a different fp32 summation order than before, max 3.6e-7 apart) the
+  ct-channel-token variant sees one at one position, 0.06 on its logits, every other position within 1.3e-6.
+  So `assert_tight` holds every position but at most one to TIGHT_ATOL = 5e-3 and that one to FLIP_ATOL = 0.2;
+  a wrong scale, shard order or requantization moves every position (max |diff| 0.56-1.2 below) and cannot pass.
 - Loose: the same weights without fake quantization, so the difference is all activation quantization. E4M3 keeps
   3 mantissa bits: rounding a value is a relative error uniform within +-2^-4 of its binade, RMS ~2^-3 / sqrt(12) /
   1.44 ~= 0.025 of the value; with independent errors a GEMM's output inherits that relative RMS. Per layer the
@@ -47,6 +50,7 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 # k and v weights scaled so that q/k/v get clearly different per-tensor scales (requantization then matters).
 SKEW = {"k_proj": 4.0, "v_proj": 0.25}
 TIGHT_ATOL = 5e-3
+FLIP_ATOL = 0.2
 LOOSE_REL_RMS = 0.15
 E4M3_MAX = 448.0
 
@@ -259,6 +263,15 @@ def reference_logits(ckpt: Fp8Checkpoint, tokens: list[int], fake_quant: bool = 
         return hf(torch.tensor([tokens])).logits[0].float()                                  # [S, vocab]
 
 
+def assert_tight(got: torch.Tensor, reference: torch.Tensor) -> None:
+    """got, reference [S, vocab]: every position within TIGHT_ATOL but at most one, which is within FLIP_ATOL (an
+    E4M3 rounding flip; see the module docstring)."""
+    per_position = (got - reference).abs().amax(dim=-1)                                     # [S]
+    off = (per_position > TIGHT_ATOL).nonzero().flatten().tolist()
+    assert len(off) <= 1 and per_position.max() <= FLIP_ATOL, \
+        f"positions {off} differ by {per_position[off].tolist()} (tight {TIGHT_ATOL}, one flip up to {FLIP_ATOL})"
+
+
 def model_logits(model, tokens: list[int]) -> torch.Tensor:
     return PagedSession(model).step([(0, tokens)])[0]                                         # [S, vocab]
 
@@ -325,7 +338,7 @@ def test_fp8_checkpoint_loads_and_matches_dequantized_reference(tmp_path, name):
 
     tokens = prompt(seed)
     got = model_logits(model, tokens)
-    torch.testing.assert_close(got, reference_logits(ckpt, tokens), atol=TIGHT_ATOL, rtol=0)
+    assert_tight(got, reference_logits(ckpt, tokens))
     plain = reference_logits(ckpt, tokens, fake_quant=False)
     assert 0 < rel_rms(got, plain) < LOOSE_REL_RMS
 
@@ -343,7 +356,7 @@ def test_fused_qkv_keeps_each_shard_scale_exactly(tmp_path):
     assert sorted(set(qkv.weight_scale.flatten().tolist())) == sorted(scales)
     tokens = prompt(11)
     got = model_logits(model, tokens)
-    assert (got - reference_logits(ckpt, tokens, requantized=False)).abs().max() < TIGHT_ATOL
+    assert_tight(got, reference_logits(ckpt, tokens, requantized=False))
 
 
 def test_static_input_scale_is_used(tmp_path):
@@ -355,7 +368,7 @@ def test_static_input_scale_is_used(tmp_path):
     tokens = prompt(4)
     saturated = model_logits(load_model(ckpt.path, dtype="float32")[0], tokens)
     normal = model_logits(load_model(dynamic.path, dtype="float32")[0], tokens)
-    torch.testing.assert_close(saturated, reference_logits(ckpt, tokens), atol=TIGHT_ATOL, rtol=0)
+    assert_tight(saturated, reference_logits(ckpt, tokens))
     plain = reference_logits(dynamic, tokens, fake_quant=False)
     assert rel_rms(saturated, plain) > 3 * LOOSE_REL_RMS > 3 * rel_rms(normal, plain)
 
@@ -369,7 +382,7 @@ def test_ignored_layer_stays_unquantized(tmp_path):
     assert not hasattr(down, "weight_scale")
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
     tokens = prompt(6)
-    torch.testing.assert_close(model_logits(model, tokens), reference_logits(ckpt, tokens), atol=TIGHT_ATOL, rtol=0)
+    assert_tight(model_logits(model, tokens), reference_logits(ckpt, tokens))
 
 
 def test_quantization_fp8_on_a_bf16_checkpoint(tmp_path):
