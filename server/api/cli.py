@@ -51,7 +51,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_settings(args):
-    """-> (model_config, engine_config, dtype) from the flags, checked before any model loads."""
+    """-> (engine_config, dtype) from the flags, checked before any model loads."""
     model_config = get_config(args.model)
     device = "cuda" if _cuda_available() else "cpu"
     dtype = args.dtype
@@ -73,7 +73,7 @@ def _engine_settings(args):
         kernel_backend=args.kernel_backend or default_backend(), enforce_eager=args.enforce_eager, device=device,
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
         tp_timeout_s=args.tp_timeout)
-    return model_config, engine_config, dtype
+    return engine_config, dtype
 
 
 def _build_engine(args):
@@ -81,7 +81,7 @@ def _build_engine(args):
     from server.engine.engine_process import engine_info
     from server.engine.engine import LLMEngine
 
-    _, engine_config, dtype = _engine_settings(args)
+    engine_config, dtype = _engine_settings(args)
     engine = LLMEngine.from_pretrained(args.model, engine_config, dtype=dtype, load_format=args.load_format,
                                        quantization=args.quantization)
     try:
@@ -131,7 +131,7 @@ def serve(args) -> None:
                                  max_queue_len=args.max_queue_len,
                                  max_request_body_bytes=args.max_request_body_bytes,
                                  shutdown_timeout=args.shutdown_timeout)
-    _, engine_config, dtype = _engine_settings(args)
+    engine_config, dtype = _engine_settings(args)
     tokenizer = _tokenizer(args)
     spec = EngineSpec(args.model, engine_config, dtype=dtype, load_format=args.load_format,
                       quantization=args.quantization, log_level=logging.getLogger().level)

@@ -195,7 +195,8 @@ class EngineProcess:
                 return
             if kind == "outputs":
                 outputs, self._snapshot = payload
-                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+                with contextlib.suppress(RuntimeError):  # the event loop closed while the engine was stopping
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
             elif kind == "dead":
                 message, fatal = payload
                 self._die(EngineDeadError(message), fatal)
@@ -293,7 +294,10 @@ class _EngineLoop:
 
     def run(self) -> None:
         from server.engine.worker import WorkerFailure
-        self._send("ready", engine_info(self.engine))
+        try:
+            self._send("ready", engine_info(self.engine))
+        except OSError:
+            return  # the server went away while the model loaded
         while not self._dead.is_set():
             try:
                 outputs, stop = self._drain_commands(block=not self.engine.has_unfinished_requests())
