@@ -276,27 +276,116 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-class AsyncEngine:
-    """Runs `LLMEngine.step` in a dedicated thread. Handlers call `generate()` (an async iterator of
-    RequestOutput) and `abort()`; commands reach the engine thread through a queue, outputs come back through
-    one `call_soon_threadsafe` per step."""
+class EngineClient:
+    """The interface the API layer uses: `generate()` (an async iterator of RequestOutput), `abort()`,
+    `stop_request()`, `model_config`, `max_model_len`, `snapshot()`, `is_running`, `start()`, `shutdown()` and
+    `fatal_callbacks`. Subclasses say how a command reaches the engine (`_submit`) and deliver each step's outputs
+    to `_dispatch` on the event loop."""
 
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._commands: queue.Queue = queue.Queue()
+    def __init__(self):
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
         self.error: BaseException | None = None
         # Called (from any thread) when the engine dies in a way the process cannot recover from: a tensor-parallel
-        # rank failed. The server registers its exit here.
+        # rank failed, or the engine process vanished. The server registers its exit here.
         self.fatal_callbacks: list = []
         self._fatal_lock = threading.Lock()
+
+    @property
+    def is_running(self) -> bool:
+        raise NotImplementedError
+
+    def _submit(self, kind: str, arg) -> None:
+        """Send ("add" | "abort" | "stop", argument) to the engine (see apply_command)."""
+        raise NotImplementedError
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running ({self.error})" if self.error else
+                                  "the engine is not running")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._submit("add", (request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away (client disconnect, stop string, error): free its blocks
+                self._submit("abort", [request_id])
+
+    def abort(self, request_id: str) -> None:
+        self._submit("abort", [request_id])
+
+    def stop_request(self, request_id: str) -> None:
+        """Finish a request as stopped; its stream receives a final output with finish_reason 'stop'."""
+        self._submit("stop", [request_id])
+
+    def _die(self, error: BaseException, fatal: bool = True, message: str | None = None) -> None:
+        """Mark the engine dead (health 503, every stream gets an EngineDeadError) and, if fatal, run the fatal
+        callbacks; only the first death counts."""
+        with self._fatal_lock:
+            first = self.error is None
+            if first:
+                self.error = error
+        if not first:
+            return
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may already be closed at exit
+                self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(message or f"engine failed: {error}"))
+        if fatal:
+            for callback in list(self.fatal_callbacks):
+                callback(error)
+
+    def _dispatch(self, outputs: list) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out.error if isinstance(out, _ErrorOutput) else out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+
+
+def apply_command(engine: LLMEngine, kind: str, arg) -> list:
+    """Carry out one command from an EngineClient on the engine; -> the outputs it produced (an add the engine
+    refuses becomes an _ErrorOutput for that request's stream)."""
+    if kind == "add":
+        request_id, prompt, params = arg
+        try:
+            engine.add_request(request_id, prompt, params)
+        except ValueError as e:
+            return [_ErrorOutput(request_id, e)]
+        return []
+    if kind == "abort":
+        return engine.abort(arg)
+    if kind == "stop":
+        return engine.stop(arg)
+    raise ValueError(f"unknown engine command {kind!r}")
+
+
+class AsyncEngine(EngineClient):
+    """Runs `LLMEngine.step` in a dedicated thread. Commands reach the engine thread through a queue, outputs come
+    back through one `call_soon_threadsafe` per step."""
+
+    def __init__(self, engine: LLMEngine):
+        super().__init__()
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
         if engine.executor is not None:
             engine.executor.on_failure.append(self._die)
 
-    # What the API layer reads; EngineProcess (server/engine/engine_process.py) offers the same.
     @property
     def model_config(self) -> ModelConfig:
         return self.engine.model_config
@@ -327,49 +416,8 @@ class AsyncEngine:
             self._thread.join(timeout)
         self.engine.close()
 
-    def _die(self, error: BaseException) -> None:
-        """Mark the engine dead (health 503, every stream gets the error) and run the fatal callbacks once."""
-        with self._fatal_lock:
-            first = self.error is None
-            if first:
-                self.error = error
-        if not first:
-            return
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop may already be closed at exit
-                self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine failed: {error}"))
-        for callback in list(self.fatal_callbacks):
-            callback(error)
-
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        if not self.is_running:
-            raise EngineDeadError(f"the engine is not running ({self.error!r})" if self.error else
-                                  "the engine is not running")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._commands.put(("add", (request_id, prompt_token_ids, params)))
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:  # the consumer went away (client disconnect, stop string, error): free its blocks
-                self._commands.put(("abort", [request_id]))
-
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", [request_id]))
-
-    def stop_request(self, request_id: str) -> None:
-        """Finish a request as stopped; its stream receives a final output with finish_reason 'stop'."""
-        self._commands.put(("stop", [request_id]))
+    def _submit(self, kind: str, arg) -> None:
+        self._commands.put((kind, arg))
 
     # ---- engine thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -387,8 +435,7 @@ class AsyncEngine:
                 self._die(e if isinstance(e, WorkerFailure) else WorkerFailure(f"rank 0 failed: {e!r}"))
                 return
             logger.exception("engine step failed")
-            self.error = e
-            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine failed: {e!r}"))
+            self._die(e, fatal=False, message=f"engine failed: {e!r}")
 
     def _drain_commands(self, block: bool) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -398,26 +445,8 @@ class AsyncEngine:
             except queue.Empty:
                 return outputs
             block = False
-            if kind == "add":
-                request_id, prompt, params = arg
-                try:
-                    self.engine.add_request(request_id, prompt, params)
-                except ValueError as e:
-                    outputs.append(_ErrorOutput(request_id, e))
-            elif kind == "abort":
-                outputs += self.engine.abort(arg)
-            elif kind == "stop":
-                outputs += self.engine.stop(arg)
-
-    def _dispatch(self, outputs: list) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put_nowait(out.error if isinstance(out, _ErrorOutput) else out)
-
-    def _fail_all(self, error: BaseException) -> None:
-        for stream in self._streams.values():
-            stream.put_nowait(error)
+            if kind != "wake":
+                outputs += apply_command(self.engine, kind, arg)
 
 
 @dataclass

@@ -26,12 +26,10 @@ import queue
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from model.config import ModelConfig
 from server.engine.config import EngineConfig
-from server.engine.engine import EngineDeadError, EngineSnapshot, RequestOutput, _ErrorOutput
-from server.engine.sampling import SamplingParams
+from server.engine.engine import EngineClient, EngineDeadError, EngineSnapshot, apply_command
 
 logger = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.5      # how often an idle engine checks for a vanished parent
@@ -66,26 +64,21 @@ class EngineInfo:
     rank_param_mib: dict[int, float] = field(default_factory=dict)
 
 
-class EngineProcess:
-    """AsyncEngine's interface (generate, abort, stop_request, snapshot, is_running, start, shutdown,
-    fatal_callbacks) over an engine in a child process. `launch()` starts the child and returns once the model is
+class EngineProcess(EngineClient):
+    """EngineClient's interface (the one AsyncEngine has) over an engine in a child process. `launch()` starts the child and returns once the model is
     loaded, or raises the child's load error (ValueError / OSError keep their type, for the CLI's one-line
     message)."""
 
     def __init__(self, proc: mp.process.BaseProcess, commands, outputs, info: EngineInfo):
+        super().__init__()
         self._proc = proc
         self._commands_conn = commands
         self._outputs_conn = outputs
         self.info = info
         self._snapshot = EngineSnapshot()
         self._outbox: queue.Queue = queue.Queue()   # commands, sent by a thread so the event loop never blocks
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
         self._closing = False
-        self.error: BaseException | None = None
-        self.fatal_callbacks: list = []
-        self._fatal_lock = threading.Lock()
 
     @classmethod
     def launch(cls, spec: EngineSpec) -> "EngineProcess":
@@ -144,36 +137,8 @@ class EngineProcess:
 
     close = shutdown
 
-    # ---- requests -----------------------------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        if not self.is_running:
-            raise EngineDeadError(f"the engine is not running ({self.error})" if self.error else
-                                  "the engine is not running")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._outbox.put(("add", (request_id, list(prompt_token_ids), params)))
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:  # the consumer went away (client disconnect, stop string, error): free its blocks
-                self._outbox.put(("abort", [request_id]))
-
-    def abort(self, request_id: str) -> None:
-        self._outbox.put(("abort", [request_id]))
-
-    def stop_request(self, request_id: str) -> None:
-        """Finish a request as stopped; its stream receives a final output with finish_reason 'stop'."""
-        self._outbox.put(("stop", [request_id]))
+    def _submit(self, kind: str, arg) -> None:
+        self._outbox.put((kind, arg))
 
     # ---- the two pipe threads -----------------------------------------------------------------------------
     def _send(self) -> None:
@@ -190,41 +155,19 @@ class EngineProcess:
             except (EOFError, OSError):
                 if not self._closing:
                     self._proc.join(1.0)
-                    self._die(EngineDeadError(f"the engine process exited ({_exit_status(self._proc.exitcode)})"),
-                              fatal=True)
+                    self._engine_died(f"the engine process exited ({_exit_status(self._proc.exitcode)})", fatal=True)
                 return
             if kind == "outputs":
                 outputs, self._snapshot = payload
                 with contextlib.suppress(RuntimeError):  # the event loop closed while the engine was stopping
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
             elif kind == "dead":
-                message, fatal = payload
-                self._die(EngineDeadError(message), fatal)
+                self._engine_died(*payload)
 
-    def _die(self, error: EngineDeadError, fatal: bool) -> None:
-        with self._fatal_lock:
-            first = self.error is None
-            if first:
-                self.error = error
-        if not first:
-            return
-        logger.error("%s", error)
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop may already be closed at exit
-                self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine failed: {error}"))
-        if fatal:
-            for callback in list(self.fatal_callbacks):
-                callback(error)
-
-    def _dispatch(self, outputs: list) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put_nowait(out.error if isinstance(out, _ErrorOutput) else out)
-
-    def _fail_all(self, error: BaseException) -> None:
-        for stream in self._streams.values():
-            stream.put_nowait(error)
+    def _engine_died(self, message: str, fatal: bool) -> None:
+        if self.error is None:
+            logger.error("%s", message)
+        self._die(EngineDeadError(message), fatal, message=message)
 
 
 def _wait_ready(proc, conn) -> EngineInfo:
@@ -326,16 +269,7 @@ class _EngineLoop:
             kind, arg = self.commands.recv()
             if kind == "shutdown":
                 return outputs, True
-            if kind == "add":
-                request_id, prompt, params = arg
-                try:
-                    self.engine.add_request(request_id, prompt, params)
-                except ValueError as e:
-                    outputs.append(_ErrorOutput(request_id, e))
-            elif kind == "abort":
-                outputs += self.engine.abort(arg)
-            elif kind == "stop":
-                outputs += self.engine.stop(arg)
+            outputs += apply_command(self.engine, kind, arg)
         return outputs, False
 
     def _report_death(self, message: str, fatal: bool) -> None:
