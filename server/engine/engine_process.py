@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
-import multiprocessing.connection
 import queue
 import signal
 import threading
@@ -65,9 +64,9 @@ class EngineInfo:
 
 
 class EngineProcess(EngineClient):
-    """EngineClient's interface (the one AsyncEngine has) over an engine in a child process. `launch()` starts the child and returns once the model is
-    loaded, or raises the child's load error (ValueError / OSError keep their type, for the CLI's one-line
-    message)."""
+    """EngineClient's interface (the one AsyncEngine has) over an engine in a child process. `launch()` starts the
+    child and returns once the model is loaded, or raises the child's load error (ValueError / OSError keep their
+    type, for the CLI's one-line message)."""
 
     def __init__(self, proc: mp.process.BaseProcess, commands, outputs, info: EngineInfo):
         super().__init__()
