@@ -12,6 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def use_cpu_gemm_layout(weight: nn.Parameter) -> None:
+    """Store an fp32 CPU weight [out, in] column-major (strides (1, out)); same shape and values, so every op
+    reading it gives the same result, but the CPU GEMM is faster on x @ W^T with W^T contiguous. An 8-layer,
+    512-wide model's decode step at batch 16, 2 threads: 23.6 -> 20.5 ms; a [4096, 512] lm_head at M = 16:
+    1.25 -> 0.81 ms with cold caches."""
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2:
+        weight.data = weight.data.t().contiguous().t()
+
+
 class LinearMethod:
     """Strategy object shared by every linear layer of a model (it holds no per-layer state)."""
 
@@ -48,12 +57,7 @@ class UnquantizedLinearMethod(LinearMethod):
         return F.linear(x, layer.weight)  # [..., out]
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """On the CPU, fp32 weights are stored column-major (still [out, in], strides (1, out)): the CPU GEMM is
-        faster on x @ W^T with W^T contiguous. An 8-layer, 512-wide model's decode step at batch 16, 2 threads:
-        23.6 -> 20.5 ms. Same values, so every op reading the weight gives the same result."""
-        weight = layer.weight
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2:
-            weight.data = weight.data.t().contiguous().t()
+        use_cpu_gemm_layout(layer.weight)
 
     def squared_relu_mlp(self, up: nn.Module, down: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
         if not isinstance(down.linear_method, UnquantizedLinearMethod):
