@@ -1,8 +1,8 @@
 """Prometheus metrics for /metrics: vLLM's metric names under the `n4:` prefix, each with a `model_name` label.
 
-Gauges and engine counters are read from the engine when scraped (a custom collector), so the engine thread
-does no metrics work per step. Request histograms are observed here, in the API layer, from each engine
-request's timestamps: arrival (the HTTP handler), first scheduled (read off the engine's request object),
+Gauges and engine counters are read from the engine's snapshot when scraped (a custom collector); an engine
+process sends that small snapshot with each step's outputs. Request histograms are observed here, in the API
+layer, from each engine request's timestamps: arrival (the HTTP handler), first scheduled (carried on its output),
 first token, each later token, and the finish. Each app has its own CollectorRegistry (tests build several).
 """
 from __future__ import annotations
