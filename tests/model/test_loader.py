@@ -70,6 +70,19 @@ def test_hf_save_pretrained_checkpoint(tmp_path, max_shard_size):
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
+def test_fp32_cpu_weights_take_the_gemm_layout_with_the_same_values(tmp_path):
+    """Linear and lm_head weights are stored column-major on the CPU in fp32 (faster GEMMs), bf16 ones as loaded."""
+    path = make_tiny_checkpoint(tmp_path, CONFIG, seed=1)
+    model, _ = load_model(path, dtype="float32")
+    _check_weights(model, _state_dict(seed=1))
+    out, inp = model.model.layers[0].mlp.up_proj.weight.shape
+    assert model.model.layers[0].mlp.up_proj.weight.stride() == (1, out)
+    assert model.lm_head.weight.stride() == (1, model.lm_head.weight.shape[0])
+    assert model.model.embed_tokens.weight.is_contiguous()  # a lookup table, not a GEMM operand
+    bf16, _ = load_model(path, dtype="bfloat16")
+    assert all(p.is_contiguous() for p in bf16.parameters())
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_hand_written_checkpoint(tmp_path, shards):
     state = _state_dict(seed=2)
