@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from model.config import ModelConfig
 from server.engine.config import EngineConfig
 from server.engine.engine import EngineClient, EngineDeadError, EngineSnapshot, apply_command
+from server.engine.worker import exit_status
 
 logger = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.5      # how often an idle engine checks for a vanished parent
@@ -154,7 +155,7 @@ class EngineProcess(EngineClient):
             except (EOFError, OSError):
                 if not self._closing:
                     self._proc.join(1.0)
-                    self._engine_died(f"the engine process exited ({_exit_status(self._proc.exitcode)})", fatal=True)
+                    self._engine_died(f"the engine process exited with {exit_status(self._proc.exitcode)}", fatal=True)
                 return
             if kind == "outputs":
                 outputs, self._snapshot = payload
@@ -172,12 +173,12 @@ class EngineProcess(EngineClient):
 def _wait_ready(proc, conn) -> EngineInfo:
     while not conn.poll(_LOAD_POLL_S):
         if not proc.is_alive():
-            raise RuntimeError(f"the engine process exited while loading ({_exit_status(proc.exitcode)})")
+            raise RuntimeError(f"the engine process exited with {exit_status(proc.exitcode)} while loading")
     try:
         kind, payload = conn.recv()
     except EOFError:
         proc.join(5.0)
-        raise RuntimeError(f"the engine process exited while loading ({_exit_status(proc.exitcode)})") from None
+        raise RuntimeError(f"the engine process exited with {exit_status(proc.exitcode)} while loading") from None
     if kind == "load_failed":
         error_kind, message = payload
         raise {"value": ValueError, "os": OSError}.get(error_kind, RuntimeError)(message)
@@ -191,15 +192,6 @@ def _stop_process(proc, timeout: float) -> None:
     if proc.is_alive():
         proc.kill()
         proc.join(timeout)
-
-
-def _exit_status(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
 
 
 # ---- the child ------------------------------------------------------------------------------------------------

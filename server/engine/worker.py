@@ -139,7 +139,7 @@ class TPExecutor:
             while not pipe.poll(_STARTUP_POLL_S):
                 if not proc.is_alive():
                     raise WorkerFailure(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with "
-                                        f"{_exit_status(proc.exitcode)} during startup")
+                                        f"{exit_status(proc.exitcode)} during startup")
             got, value = pipe.recv()
             if got == "error":
                 raise WorkerFailure(f"tensor-parallel rank {rank} failed during startup:\n{value}")
@@ -187,7 +187,7 @@ class TPExecutor:
         for rank, proc in enumerate(self.procs, start=1):
             if proc.exitcode is not None and not self._stopping:
                 self._fail(WorkerFailure(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with "
-                                         f"{_exit_status(proc.exitcode)}"))
+                                         f"{exit_status(proc.exitcode)}"))
                 return
 
     def _monitor(self) -> None:
@@ -234,7 +234,8 @@ class TPExecutor:
         atexit.unregister(self.shutdown)
 
 
-def _exit_status(code: int | None) -> str:
+def exit_status(code: int | None) -> str:
+    """A child process's exit code in words: 'exit code N', 'signal SIGKILL', or 'no status' while it runs."""
     if code is None:
         return "no status"
     if code < 0:
