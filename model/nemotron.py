@@ -11,13 +11,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from model import cpu_gemm
 from model.attention_metadata import AttentionMetadata
 from model.config import ModelConfig
 from model.errors import CheckpointError
 from model.layers import DecoderLayer, LayerNorm1P, RotaryEmbedding, params_dtype
 from model.ops import get_ops
 from model.parallel import ParallelLMHead, RewardHead, VocabParallelEmbedding, default_weight_loader
-from model.quant import LinearMethod, UnquantizedLinearMethod, use_cpu_gemm_layout
+from model.quant import LinearMethod, UnquantizedLinearMethod
 
 # (fused module, HF module, shard id): checkpoint tensors that load into part of a fused parameter.
 _STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
@@ -113,13 +114,13 @@ class NemotronForCausalLM(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Let the linear method finish each layer once its weights are in (a no-op when unquantized, apart from
-        the CPU GEMM layout, which the lm_head takes too)."""
+        packing fp32 CPU weights for MKL's GEMM, which the lm_head takes too)."""
         for module in self.modules():
             method = getattr(module, "linear_method", None)
             if method is not None and module is not self:
                 method.process_weights_after_loading(module)
         if isinstance(self.lm_head, ParallelLMHead):
-            use_cpu_gemm_layout(self.lm_head.weight)
+            self.lm_head.cpu_packed_weight = cpu_gemm.prepare(self.lm_head.weight)
 
 
 # Other names reward checkpoints give their head (transformers' sequence-classification name, NeMo-Aligner's).

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import distributed
+from model import cpu_gemm, distributed
 from model.errors import CheckpointError
 from model.lazy_tensor import materialize
 from model.quant import LinearMethod, UnquantizedLinearMethod
@@ -212,9 +212,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     """The output projection [vocab, hidden] (untied from the input embedding), split by vocabulary rows.
     Calling it maps hidden states to logits: [N, vocab] on rank 0, None on the other ranks (each computes its
     vocabulary slice; they are gathered to rank 0, which alone samples)."""
+    cpu_packed_weight = None   # set by the model once loaded (model/cpu_gemm.py)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = F.linear(hidden, self.weight)  # [N, V / ranks]
+        logits = cpu_gemm.linear(hidden, self.weight, self.cpu_packed_weight)  # [N, V / ranks]
         if distributed.tp_world_size() == 1:
             return logits
         gathered = distributed.gather_to_rank0(logits, dim=-1)  # [N, V padded] on rank 0

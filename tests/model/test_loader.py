@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model import cpu_gemm
 from model.config import PRESETS, ModelConfig
 from model.loader import CheckpointError, load_model
 from tests.utils import PagedSession, hf_model, make_tiny_checkpoint
@@ -70,17 +71,27 @@ def test_hf_save_pretrained_checkpoint(tmp_path, max_shard_size):
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
-def test_fp32_cpu_weights_take_the_gemm_layout_with_the_same_values(tmp_path):
-    """Linear and lm_head weights are stored column-major on the CPU in fp32 (faster GEMMs), bf16 ones as loaded."""
+def test_fp32_cpu_weights_are_prepared_for_the_cpu_gemm_with_the_same_values(tmp_path, monkeypatch):
+    """fp32 CPU linear and lm_head weights get an MKL pack beside the unchanged weight (or, without MKL, are stored
+    column-major); bf16 ones stay as loaded. Values are the checkpoint's either way."""
     path = make_tiny_checkpoint(tmp_path, CONFIG, seed=1)
+    up = lambda m: m.model.layers[0].mlp.up_proj  # noqa: E731
+    if cpu_gemm.mkl_packing_available():
+        model, _ = load_model(path, dtype="float32")
+        _check_weights(model, _state_dict(seed=1))
+        assert isinstance(up(model).cpu_packed_weight, cpu_gemm.PackedWeight)
+        assert isinstance(model.lm_head.cpu_packed_weight, cpu_gemm.PackedWeight)
+        assert up(model).weight.is_contiguous() and model.lm_head.weight.is_contiguous()
+    monkeypatch.setattr(cpu_gemm, "_MKL", None)
     model, _ = load_model(path, dtype="float32")
     _check_weights(model, _state_dict(seed=1))
-    out, inp = model.model.layers[0].mlp.up_proj.weight.shape
-    assert model.model.layers[0].mlp.up_proj.weight.stride() == (1, out)
+    out, inp = up(model).weight.shape
+    assert up(model).weight.stride() == (1, out) and up(model).cpu_packed_weight is None
     assert model.lm_head.weight.stride() == (1, model.lm_head.weight.shape[0])
     assert model.model.embed_tokens.weight.is_contiguous()  # a lookup table, not a GEMM operand
     bf16, _ = load_model(path, dtype="bfloat16")
     assert all(p.is_contiguous() for p in bf16.parameters())
+    assert up(bf16).cpu_packed_weight is None and bf16.lm_head.cpu_packed_weight is None
 
 
 @pytest.mark.parametrize("shards", [1, 3])
