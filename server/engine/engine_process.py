@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import queue
 import signal
 import threading
@@ -87,7 +88,12 @@ class EngineProcess(EngineClient):
         outputs_recv, outputs_send = ctx.Pipe(duplex=False)
         # Not a daemon: the engine starts its own tensor-parallel worker processes, which daemons may not.
         proc = ctx.Process(target=_engine_main, args=(spec, commands_recv, outputs_send), name="n4-engine")
-        proc.start()
+        binding = omp_binding(spec.engine_config)
+        with _environment(binding):  # the child copies the environment as it starts
+            proc.start()
+        if binding:
+            logger.info("engine OpenMP threads pinned one per CPU (GOMP_CPU_AFFINITY=%s); set OMP_PROC_BIND=false "
+                        "to leave their placement to the OS", binding["GOMP_CPU_AFFINITY"])
         commands_recv.close()
         outputs_send.close()
         try:
@@ -205,6 +211,38 @@ def _wait_ready(proc, conn) -> EngineInfo:
     return payload
 
 
+# Set by the user, these say how OpenMP threads are placed; n4 then leaves placement alone.
+_OMP_PLACEMENT_VARS = ("GOMP_CPU_AFFINITY", "OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY")
+
+
+def omp_binding(engine_config: EngineConfig) -> dict[str, str]:
+    """The environment that pins the engine process's OpenMP threads one per CPU (as vLLM's CPU backend does with
+    VLLM_CPU_OMP_THREADS_BIND): a CPU engine at tensor-parallel size 1, unless the user placed threads already.
+    Why: under `n4 serve` the API process and the clients wake on every step, and an unpinned OpenMP thread they
+    displace migrates and stalls the step's barriers. The grid model at 16 streams on 2 cores, 6 runs each,
+    interleaved: 518 output tok/s unpinned against 540 pinned (mean)."""
+    if engine_config.device != "cpu" or engine_config.tensor_parallel_size != 1:
+        return {}
+    if any(os.environ.get(name) for name in _OMP_PLACEMENT_VARS) or not hasattr(os, "sched_getaffinity"):
+        return {}
+    return {"GOMP_CPU_AFFINITY": " ".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """os.environ with `values` set, restored afterwards (a spawned child copies the environment at start)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _stop_process(proc, timeout: float) -> None:
     if proc.is_alive():
         proc.terminate()
@@ -296,7 +334,6 @@ class _EngineLoop:
 
 
 def engine_info(engine) -> EngineInfo:
-    import os
     model = engine.runner.model
     compute_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     weights = model.linear_method.describe()

@@ -18,7 +18,7 @@ from model.config import get_config
 from server.api.cli import DEMO_MODEL
 from server.engine.config import EngineConfig
 from server.engine.engine import EngineDeadError, LLMEngine
-from server.engine.engine_process import EngineProcess, EngineSpec
+from server.engine.engine_process import EngineProcess, EngineSpec, omp_binding
 from server.engine.sampling import SamplingParams
 from tests.api.conftest import REPO_ROOT, server_log, start_n4_serve, stop_n4_serve
 from tests.utils import make_tiny_checkpoint
@@ -80,11 +80,27 @@ def test_the_engine_process_gives_the_offline_tokens_aborts_and_stops():
                 pass
 
     try:
+        # The child, and only the child, got the OpenMP thread placement.
+        child_env = dict(entry.split("=", 1) for entry in
+                         open(f"/proc/{engine.info.pid}/environ").read().split("\0") if "=" in entry)
+        for name, value in omp_binding(CONFIG).items():
+            assert child_env.get(name) == value and name not in os.environ
         asyncio.run(scenario())
         assert engine.is_running
     finally:
         engine.shutdown()
     assert not engine._proc.is_alive()
+
+
+def test_omp_binding_pins_a_cpu_engine_unless_the_user_placed_threads(monkeypatch):
+    for name in ("GOMP_CPU_AFFINITY", "OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY"):
+        monkeypatch.delenv(name, raising=False)
+    cpus = sorted(os.sched_getaffinity(0))
+    assert omp_binding(CONFIG) == {"GOMP_CPU_AFFINITY": " ".join(map(str, cpus))}
+    assert omp_binding(EngineConfig(device="cuda")) == {}
+    assert omp_binding(EngineConfig(tensor_parallel_size=2)) == {}
+    monkeypatch.setenv("OMP_PROC_BIND", "false")
+    assert omp_binding(CONFIG) == {}
 
 
 def test_a_load_error_in_the_engine_process_is_one_line_and_exit_2(tmp_path):
