@@ -1,10 +1,10 @@
 """n4, vLLM and transformers side by side: the same machine, model, prompts and client, one run.
 
-1. `n4 serve` (its default dtype: float32 on the CPU) on a free loopback port, driven by
-   `benchmarks/serve.py`'s `run_benchmark` (the client of `n4 bench serve`), then stopped.
-2. vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server` from its own virtual environment,
-   `--vllm-python`), same model, same dtype, same prompts, same client, then stopped. Skipped, saying so,
-   when that interpreter has no vLLM.
+1. `n4 serve` (its default dtype: float32 on the CPU) on a free loopback port, and vLLM's OpenAI server
+   (`python -m vllm.entrypoints.openai.api_server` from its own virtual environment, `--vllm-python`) on
+   another; same model, dtype and prompts. vLLM is skipped, saying so, when that interpreter has no vLLM.
+2. Both driven by `benchmarks/serve.py`'s `run_benchmark` (the client of `n4 bench serve`), `--repeat` runs
+   each, taking turns n4, vLLM, vLLM, n4, ... so that a drift of the machine's speed falls on both; then stopped.
 3. transformers `generate` in this process: the same prompts tokenized by the same tokenizer, batched,
    greedy, exactly `--output-len` new tokens (min_new_tokens = max_new_tokens), output tokens/s.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -177,25 +178,62 @@ def _token_ids(tokens: list | None) -> list[int] | None:
     return ids
 
 
-def bench_server(server: Server, prompts: list[str], args, start_timeout: float = 600.0) -> dict:
-    """Start `server`, run the shared client over `prompts`, collect the cross-check texts, stop it."""
+def bench_servers(servers: list[Server], prompts: list[str], args, start_timeout: float = 600.0) -> dict:
+    """Start every server, run the shared client over `prompts` on them in turns, collect the cross-check texts,
+    stop them. -> {name: result dict, or the exception that ended that server's part}.
+
+    The runs alternate between the servers in ABBA order (n4, vLLM, vLLM, n4, ...) instead of one server's runs
+    after the other's: this shared CPU drifts by up to ~10% over minutes (the same n4 build measured 482-540 tok/s
+    in consecutive runs), and in turns the drift falls on both alike. An idle server costs nothing meanwhile (n4's
+    engine waits on its pipe, vLLM's on its queue)."""
     from benchmarks.serve import run_benchmark
 
-    with server:
-        startup = server.start(start_timeout)
-        print(f"[{server.name}] healthy after {startup:.1f} s at {server.base_url}; benchmarking...", flush=True)
-        runs = []
-        for _ in range(args.repeat):
-            m = asyncio.run(run_benchmark(server.base_url, endpoint="/v1/completions", model=SERVED_NAME,
-                                          prompts=prompts, output_len=args.output_len,
-                                          max_concurrency=args.max_concurrency, seed=args.seed))
-            m.pop("requests", None)
-            runs.append(m)
-        texts = asyncio.run(greedy_outputs(server.base_url, prompts[:args.cross_check], args.cross_check_len))
-        version = server.version()
-    return {"metrics": median_run(runs), "runs_output_tok_s": [m["output_throughput"] for m in runs],
-            "startup_s": round(startup, 1), "server_version": version, "greedy": texts,
-            "command": shlex.join(server.cmd)}
+    results: dict[str, dict | BaseException] = {}
+    with contextlib.ExitStack() as stack:
+        live: list[tuple[Server, float]] = []
+        for server in servers:
+            stack.enter_context(server)
+            try:
+                startup = server.start(start_timeout)
+            except Exception as e:  # noqa: BLE001 - one server failing must not lose the others' figures
+                results[server.name] = e
+                continue
+            print(f"[{server.name}] healthy after {startup:.1f} s at {server.base_url}", flush=True)
+            live.append((server, startup))
+        runs: dict[str, list[dict]] = {server.name: [] for server, _ in live}
+        for turn in range(args.repeat):
+            for server, _ in (live if turn % 2 == 0 else live[::-1]):
+                if server.name in results:
+                    continue  # failed in an earlier turn
+                print(f"[{server.name}] run {turn + 1} of {args.repeat}...", flush=True)
+                try:
+                    m = asyncio.run(run_benchmark(server.base_url, endpoint="/v1/completions", model=SERVED_NAME,
+                                                  prompts=prompts, output_len=args.output_len,
+                                                  max_concurrency=args.max_concurrency, seed=args.seed))
+                except Exception as e:  # noqa: BLE001
+                    results[server.name] = e
+                    continue
+                m.pop("requests", None)
+                runs[server.name].append(m)
+        for server, startup in live:
+            if server.name in results:
+                continue
+            try:
+                texts = asyncio.run(greedy_outputs(server.base_url, prompts[:args.cross_check],
+                                                   args.cross_check_len))
+            except Exception as e:  # noqa: BLE001
+                results[server.name] = e
+                continue
+            done = runs[server.name]
+            results[server.name] = {
+                "metrics": median_run(done), "runs_output_tok_s": [m["output_throughput"] for m in done],
+                "startup_s": round(startup, 1), "server_version": server.version(), "greedy": texts,
+                "command": shlex.join(server.cmd)}
+    return results
+
+
+def _turn_order(names: list[str], repeat: int) -> list[str]:
+    return [name for turn in range(repeat) for name in (names if turn % 2 == 0 else names[::-1])]
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -355,17 +393,11 @@ def main(argv: list[str] | None = None) -> dict:
     def note_load(engine: str) -> None:
         load[engine] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
+    servers: list[Server] = []
     if "n4" in engines:
-        note_load("n4")
         port = free_port()
-        server = Server("n4", n4_command(model, port, args.dtype), port)
-        try:
-            r = bench_server(server, prompts, args, args.start_timeout)
-            r["version"] = n4_version()
-            results["n4"], texts["n4"] = r, r["greedy"]
-        except Exception as e:  # noqa: BLE001 - one engine failing must not lose the others' figures
-            results["n4"] = {"skipped": f"failed: {e}".splitlines()[0][:200]}
-            print(f"[n4] failed: {e}", file=sys.stderr)
+        servers.append(Server("n4", n4_command(model, port, args.dtype), port))
+    vllm_env_used = None
     if "vllm" in engines:
         version = vllm_version(args.vllm_python)
         if version is None:
@@ -375,18 +407,29 @@ def main(argv: list[str] | None = None) -> dict:
                   f"torchaudio torchcodec)", flush=True)
             results["vllm"] = {"skipped": why}
         else:
-            note_load("vllm")
             port = free_port()
-            env = vllm_env(args.vllm_threads_bind or _threads_bind(), args.vllm_kvcache_gib)
-            server = Server("vllm", vllm_command(args.vllm_python, model, port, args.dtype), port, env=env)
-            try:
-                r = bench_server(server, prompts, args, args.start_timeout)
+            vllm_env_used = vllm_env(args.vllm_threads_bind or _threads_bind(), args.vllm_kvcache_gib)
+            servers.append(Server("vllm", vllm_command(args.vllm_python, model, port, args.dtype), port,
+                                  env=vllm_env_used))
+    if servers:
+        for server in servers:
+            note_load(server.name)
+        for name, r in bench_servers(servers, prompts, args, args.start_timeout).items():
+            if isinstance(r, BaseException):
+                results[name] = {"skipped": f"failed: {r}".splitlines()[0][:200]}
+                if name == "vllm":
+                    results[name]["version"] = version
+                print(f"[{name}] failed: {r}", file=sys.stderr)
+                continue
+            if name == "n4":
+                r["version"] = n4_version()
+            else:
                 r["version"] = r["server_version"] or version
-                r["env"] = env
-                results["vllm"], texts["vllm"] = r, r["greedy"]
-            except Exception as e:  # noqa: BLE001
-                results["vllm"] = {"skipped": f"failed: {e}".splitlines()[0][:200], "version": version}
-                print(f"[vllm] failed: {e}", file=sys.stderr)
+                r["env"] = vllm_env_used
+            results[name], texts[name] = r, r["greedy"]
+        if len(servers) > 1:
+            notes.append(f"The servers ran at the same time, idle but for their own runs, which took turns: "
+                         f"{', '.join(_turn_order([s.name for s in servers], args.repeat))}.")
     if "transformers" in engines:
         try:
             note_load("transformers")

@@ -77,17 +77,20 @@ def test_main_with_engines_mocked_and_vllm_missing(monkeypatch, tmp_path, capsys
     monkeypatch.setattr(sbs, "README", str(readme))
     seen = {}
 
-    def fake_bench_server(server, prompts, args, start_timeout):
+    def fake_bench_servers(servers, prompts, args, start_timeout):
+        assert [server.name for server in servers] == ["n4"]  # vLLM is missing: not started
+        server = servers[0]
         seen["server"] = (server.name, server.cmd, len(prompts), args.output_len)
-        return {"metrics": _metrics(input_tokens=32 * 100), "startup_s": 1.0, "server_version": "0.1.0",
-                "greedy": [{"text": "a b c", "ids": [1, 2]}, {"text": "d e f", "ids": [3, 4]}], "command": "n4 serve"}
+        return {"n4": {"metrics": _metrics(input_tokens=32 * 100), "startup_s": 1.0, "server_version": "0.1.0",
+                       "greedy": [{"text": "a b c", "ids": [1, 2]}, {"text": "d e f", "ids": [3, 4]}],
+                       "command": "n4 serve"}}
 
     def fake_transformers(model, prompts, output_len, batch_size, dtype, check_prompts, check_len, repeat):
         seen["transformers"] = (len(prompts), output_len, batch_size, dtype, len(check_prompts), check_len, repeat)
         return {"metrics": _metrics(out_tps=100.0, req_s=1.0), "version": "5.x", "greedy": [{"text": "a b c", "ids": [1, 2]},
                                                                                        {"text": "d e g", "ids": [3, 5]}]}
 
-    monkeypatch.setattr(sbs, "bench_server", fake_bench_server)
+    monkeypatch.setattr(sbs, "bench_servers", fake_bench_servers)
     monkeypatch.setattr(sbs, "bench_transformers", fake_transformers)
     monkeypatch.setattr(sbs, "n4_version", lambda: "0.1.0 (abc)")
     report = sbs.main(["--num-prompts", "4", "--input-len", "8", "--output-len", "16", "--max-concurrency", "2",
@@ -105,6 +108,64 @@ def test_main_with_engines_mocked_and_vllm_missing(monkeypatch, tmp_path, capsys
     assert text.startswith("# Benchmarks\n\nexisting text\n") and sbs.SECTION_START in text
     assert "| n4 | 0.1.0 (abc) | 500.0 |" in text and "benchmarks/side_by_side.py --num-prompts 4" in text
     assert json.loads((tmp_path / "out.json").read_text())["workload"]["output_len"] == 16
+
+
+class _FakeServer:
+    def __init__(self, name, fail_start=False):
+        self.name, self.cmd, self.base_url, self.fail_start = name, [name, "serve"], f"http://{name}", fail_start
+        self.events = []
+
+    def start(self, timeout_s):
+        self.events.append("start")
+        if self.fail_start:
+            raise RuntimeError(f"{self.name} exited (1) before it was healthy")
+        return 2.0
+
+    def version(self):
+        return f"{self.name}-1.0"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.events.append("stop")
+
+
+def test_bench_servers_take_turns_and_keep_one_failure_to_its_server(monkeypatch):
+    order = []
+    throughput = iter([100.0, 200.0, 210.0, 110.0, 120.0, 190.0])
+
+    async def fake_run_benchmark(base_url, **kwargs):
+        order.append(base_url.removeprefix("http://"))
+        if base_url == "http://bad-run":
+            raise ConnectionError("connection refused")
+        return {"output_throughput": next(throughput), "requests": ["dropped"]}
+
+    async def fake_greedy(base_url, prompts, output_len):
+        return [{"text": base_url, "ids": [1]}]
+
+    import benchmarks.serve
+    monkeypatch.setattr(benchmarks.serve, "run_benchmark", fake_run_benchmark)
+    monkeypatch.setattr(sbs, "greedy_outputs", fake_greedy)
+    args = sbs.parse_args(["--repeat", "3", "--cross-check", "1"])
+    n4, vllm = _FakeServer("n4"), _FakeServer("vllm")
+    results = sbs.bench_servers([n4, vllm], ["p"], args)
+    assert order == ["n4", "vllm", "vllm", "n4", "n4", "vllm"] == sbs._turn_order(["n4", "vllm"], 3)
+    assert results["n4"]["runs_output_tok_s"] == [100.0, 110.0, 120.0]
+    assert results["vllm"]["runs_output_tok_s"] == [200.0, 210.0, 190.0]
+    assert results["n4"]["metrics"]["output_throughput"] == 110.0 and "requests" not in results["n4"]["metrics"]
+    assert results["vllm"]["server_version"] == "vllm-1.0" and results["vllm"]["greedy"][0]["text"] == "http://vllm"
+    assert n4.events == ["start", "stop"] and vllm.events == ["start", "stop"]
+
+    # A server that does not start, and one whose run fails: each is reported as its error; the other still runs.
+    order.clear()
+    throughput = iter([100.0, 110.0, 120.0])
+    dead, bad, good = _FakeServer("dead", fail_start=True), _FakeServer("bad-run"), _FakeServer("good")
+    results = sbs.bench_servers([dead, bad, good], ["p"], args)
+    assert isinstance(results["dead"], RuntimeError) and isinstance(results["bad-run"], ConnectionError)
+    assert order == ["bad-run", "good", "good", "good"]  # the failed one gets no later turn
+    assert results["good"]["runs_output_tok_s"] == [100.0, 110.0, 120.0]
+    assert all(server.events[-1] == "stop" for server in (dead, bad, good))
 
 
 def test_machine_info_names_the_cpu():
