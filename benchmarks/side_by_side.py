@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -123,12 +124,26 @@ class Server:
         except OSError:
             return ""
 
+    def pause(self) -> None:
+        """Freeze the whole server (SIGSTOP to its process group): an idle server still wakes now and then (vLLM's
+        API and engine processes ~3% of a core), and on this 2-core machine every wakeup stalls the other's step."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
     def stop(self) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, 15)  # the group this process leads: the server and its workers
+                os.killpg(self.proc.pid, signal.SIGTERM)  # the group this process leads: the server and its workers
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a paused group must run to act on it
             except ProcessLookupError:
                 pass
             try:
@@ -184,8 +199,8 @@ def bench_servers(servers: list[Server], prompts: list[str], args, start_timeout
 
     The runs alternate between the servers in ABBA order (n4, vLLM, vLLM, n4, ...) instead of one server's runs
     after the other's: this shared CPU drifts by up to ~10% over minutes (the same n4 build measured 482-540 tok/s
-    in consecutive runs), and in turns the drift falls on both alike. An idle server costs nothing meanwhile (n4's
-    engine waits on its pipe, vLLM's on its queue)."""
+    in consecutive runs), and in turns the drift falls on both alike. Outside its own runs each server is frozen
+    (`Server.pause`), so that it takes no CPU from the one being measured."""
     from benchmarks.serve import run_benchmark
 
     results: dict[str, dict | BaseException] = {}
@@ -199,6 +214,7 @@ def bench_servers(servers: list[Server], prompts: list[str], args, start_timeout
                 results[server.name] = e
                 continue
             print(f"[{server.name}] healthy after {startup:.1f} s at {server.base_url}", flush=True)
+            server.pause()
             live.append((server, startup))
         runs: dict[str, list[dict]] = {server.name: [] for server, _ in live}
         for turn in range(args.repeat):
@@ -206,6 +222,7 @@ def bench_servers(servers: list[Server], prompts: list[str], args, start_timeout
                 if server.name in results:
                     continue  # failed in an earlier turn
                 print(f"[{server.name}] run {turn + 1} of {args.repeat}...", flush=True)
+                server.resume()
                 try:
                     m = asyncio.run(run_benchmark(server.base_url, endpoint="/v1/completions", model=SERVED_NAME,
                                                   prompts=prompts, output_len=args.output_len,
@@ -213,11 +230,14 @@ def bench_servers(servers: list[Server], prompts: list[str], args, start_timeout
                 except Exception as e:  # noqa: BLE001
                     results[server.name] = e
                     continue
+                finally:
+                    server.pause()
                 m.pop("requests", None)
                 runs[server.name].append(m)
         for server, startup in live:
             if server.name in results:
                 continue
+            server.resume()
             try:
                 texts = asyncio.run(greedy_outputs(server.base_url, prompts[:args.cross_check],
                                                    args.cross_check_len))
@@ -428,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
                 r["env"] = vllm_env_used
             results[name], texts[name] = r, r["greedy"]
         if len(servers) > 1:
-            notes.append(f"The servers ran at the same time, idle but for their own runs, which took turns: "
+            notes.append(f"Both servers were up throughout, each frozen (SIGSTOP) outside its own runs, which took turns: "
                          f"{', '.join(_turn_order([s.name for s in servers], args.repeat))}.")
     if "transformers" in engines:
         try:

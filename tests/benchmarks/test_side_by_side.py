@@ -124,6 +124,12 @@ class _FakeServer:
     def version(self):
         return f"{self.name}-1.0"
 
+    def pause(self):
+        self.events.append("pause")
+
+    def resume(self):
+        self.events.append("resume")
+
     def __enter__(self):
         return self
 
@@ -155,7 +161,9 @@ def test_bench_servers_take_turns_and_keep_one_failure_to_its_server(monkeypatch
     assert results["vllm"]["runs_output_tok_s"] == [200.0, 210.0, 190.0]
     assert results["n4"]["metrics"]["output_throughput"] == 110.0 and "requests" not in results["n4"]["metrics"]
     assert results["vllm"]["server_version"] == "vllm-1.0" and results["vllm"]["greedy"][0]["text"] == "http://vllm"
-    assert n4.events == ["start", "stop"] and vllm.events == ["start", "stop"]
+    # Each server runs only in its own turns (and for its cross-check at the end), frozen otherwise.
+    assert n4.events == ["start", "pause"] + ["resume", "pause"] * 3 + ["resume", "stop"]
+    assert vllm.events == n4.events
 
     # A server that does not start, and one whose run fails: each is reported as its error; the other still runs.
     order.clear()
@@ -166,6 +174,7 @@ def test_bench_servers_take_turns_and_keep_one_failure_to_its_server(monkeypatch
     assert order == ["bad-run", "good", "good", "good"]  # the failed one gets no later turn
     assert results["good"]["runs_output_tok_s"] == [100.0, 110.0, 120.0]
     assert all(server.events[-1] == "stop" for server in (dead, bad, good))
+    assert dead.events == ["start", "stop"] and bad.events == ["start", "pause", "resume", "pause", "stop"]
 
 
 def test_machine_info_names_the_cpu():
