@@ -225,7 +225,23 @@ def omp_binding(engine_config: EngineConfig) -> dict[str, str]:
         return {}
     if any(os.environ.get(name) for name in _OMP_PLACEMENT_VARS) or not hasattr(os, "sched_getaffinity"):
         return {}
-    return {"GOMP_CPU_AFFINITY": " ".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))}
+    return {"GOMP_CPU_AFFINITY": " ".join(str(cpu) for cpu in one_cpu_per_core(os.sched_getaffinity(0)))}
+
+
+def one_cpu_per_core(cpus) -> list[int]:
+    """The first CPU of each physical core among `cpus` (Linux topology; each CPU its own core where that is not
+    readable). torch starts one thread per core, and two of them pinned to hyperthread siblings would share one."""
+    chosen, cores = [], set()
+    for cpu in sorted(cpus):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                core = f.read().strip()
+        except OSError:
+            core = f"cpu{cpu}"
+        if core not in cores:
+            cores.add(core)
+            chosen.append(cpu)
+    return chosen
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from model.config import get_config
 from server.api.cli import DEMO_MODEL
 from server.engine.config import EngineConfig
 from server.engine.engine import EngineDeadError, LLMEngine
-from server.engine.engine_process import EngineProcess, EngineSpec, omp_binding
+from server.engine.engine_process import EngineProcess, EngineSpec, omp_binding, one_cpu_per_core
 from server.engine.sampling import SamplingParams
 from tests.api.conftest import REPO_ROOT, server_log, start_n4_serve, stop_n4_serve
 from tests.utils import make_tiny_checkpoint
@@ -92,10 +92,29 @@ def test_the_engine_process_gives_the_offline_tokens_aborts_and_stops():
     assert not engine._proc.is_alive()
 
 
+def test_one_cpu_per_core_skips_hyperthread_siblings(monkeypatch):
+    import builtins
+    siblings = {0: "0,8", 8: "0,8", 1: "1,9", 9: "1,9", 2: "2"}
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path).startswith("/sys/devices/system/cpu/cpu"):
+            cpu = int(str(path).split("/cpu/cpu")[1].split("/")[0])
+            if cpu not in siblings:
+                raise FileNotFoundError(path)
+            import io
+            return io.StringIO(siblings[cpu] + "\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert one_cpu_per_core({9, 8, 1, 0, 2, 5}) == [0, 1, 2, 5]   # 5: no topology, its own core
+
+
 def test_omp_binding_pins_a_cpu_engine_unless_the_user_placed_threads(monkeypatch):
     for name in ("GOMP_CPU_AFFINITY", "OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY"):
         monkeypatch.delenv(name, raising=False)
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = one_cpu_per_core(os.sched_getaffinity(0))
+    assert cpus and set(cpus) <= os.sched_getaffinity(0)
     assert omp_binding(CONFIG) == {"GOMP_CPU_AFFINITY": " ".join(map(str, cpus))}
     assert omp_binding(EngineConfig(device="cuda")) == {}
     assert omp_binding(EngineConfig(tensor_parallel_size=2)) == {}
