@@ -448,8 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
                 r["env"] = vllm_env_used
             results[name], texts[name] = r, r["greedy"]
         if len(servers) > 1:
-            notes.append(f"Both servers were up throughout, each frozen (SIGSTOP) outside its own runs, which took turns: "
-                         f"{', '.join(_turn_order([s.name for s in servers], args.repeat))}.")
+            notes.append(f"Both servers were up throughout, each frozen (SIGSTOP) outside its own runs, which took "
+                         f"turns: {', '.join(_turn_order([s.name for s in servers], args.repeat))}.")
     if "transformers" in engines:
         try:
             note_load("transformers")
