@@ -217,23 +217,22 @@ def bench_servers(servers: list[Server], prompts: list[str], args, start_timeout
             server.pause()
             live.append((server, startup))
         runs: dict[str, list[dict]] = {server.name: [] for server, _ in live}
-        for turn in range(args.repeat):
-            for server, _ in (live if turn % 2 == 0 else live[::-1]):
-                if server.name in results:
-                    continue  # failed in an earlier turn
-                print(f"[{server.name}] run {turn + 1} of {args.repeat}...", flush=True)
-                server.resume()
-                try:
-                    m = asyncio.run(run_benchmark(server.base_url, endpoint="/v1/completions", model=SERVED_NAME,
-                                                  prompts=prompts, output_len=args.output_len,
-                                                  max_concurrency=args.max_concurrency, seed=args.seed))
-                except Exception as e:  # noqa: BLE001
-                    results[server.name] = e
-                    continue
-                finally:
-                    server.pause()
-                m.pop("requests", None)
-                runs[server.name].append(m)
+        for i, (server, _) in enumerate(_turn_order(live, args.repeat)):
+            if server.name in results:
+                continue  # failed in an earlier turn
+            print(f"[{server.name}] run {i // len(live) + 1} of {args.repeat}...", flush=True)
+            server.resume()
+            try:
+                m = asyncio.run(run_benchmark(server.base_url, endpoint="/v1/completions", model=SERVED_NAME,
+                                              prompts=prompts, output_len=args.output_len,
+                                              max_concurrency=args.max_concurrency, seed=args.seed))
+            except Exception as e:  # noqa: BLE001
+                results[server.name] = e
+                continue
+            finally:
+                server.pause()
+            m.pop("requests", None)
+            runs[server.name].append(m)
         for server, startup in live:
             if server.name in results:
                 continue
@@ -252,8 +251,9 @@ def bench_servers(servers: list[Server], prompts: list[str], args, start_timeout
     return results
 
 
-def _turn_order(names: list[str], repeat: int) -> list[str]:
-    return [name for turn in range(repeat) for name in (names if turn % 2 == 0 else names[::-1])]
+def _turn_order(items: list, repeat: int) -> list:
+    """`repeat` rounds over `items`, every other one reversed: A B B A A B ..."""
+    return [item for turn in range(repeat) for item in (items if turn % 2 == 0 else items[::-1])]
 
 
 def median_run(runs: list[dict]) -> dict:
