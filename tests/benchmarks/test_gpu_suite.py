@@ -19,9 +19,14 @@ def test_gpu_suite_smoke(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
-    for step in ("correctness", "kernels", "model_tiny"):
+    for step in ("correctness", "kernels", "model_15b", "rank_slice_340b"):
         assert "error" not in report[step], report[step]
     assert report["kernels"]["rows"]
-    decode = report["model_tiny"]["decode"]
+    decode = report["model_15b"]["decode"]
     assert [d["batch"] for d in decode] == [1, 4] and all(d["output_tokens_per_s"] > 0 for d in decode)
-    assert report["model_tiny"]["ttft"]["prompt_tokens"] == 32
+    assert report["model_15b"]["ttft"]["prompt_tokens"] == 32
+    assert report["model_15b"]["preset"] == "tiny"   # the smoke run's stand-in for the 15B preset
+    projection = report["rank_slice_340b"]["projection"]
+    assert [p["batch"] for p in projection] == [1, 2] and all("ms_per_layer" in p for p in projection)
+    for step in ("correctness", "kernels", "model_15b", "rank_slice_340b"):
+        assert (tmp_path / f"{step}.log").exists()
