@@ -9,18 +9,12 @@ the fp32 promotion, so the GPU tests allow atol = 2e-4.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-import triton
 
 from kernels.fp8_gemm import (FP8_DTYPE, GROUP_K, GemmConfig, _fp8_gemm_launch, _M_BUCKETS, fp8_gemm, fp8_gemm_ref,
                               pick_config)
+from tests.kernels.launch_capture import SM90_SHARED_BYTES, aot_compile_sm90  # noqa: F401 (re-exported)
 
 RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 ATOL_CPU, ATOL_GPU = 1e-5, 2e-4
@@ -171,46 +165,8 @@ def test_zero_sized_and_bad_inputs():
 # Without a GPU we can still compile every kernel for sm_90 ahead of time (Triton ships ptxas and cuobjdump) and
 # check what matters for speed: it lowers, spills nothing to local memory, fits shared memory, and uses wgmma where
 # the tile allows. The interpreter cannot do this (TRITON_INTERPRET swaps @triton.jit for a Python emulation), so a
-# subprocess without it compiles; the other kernel test files reuse `aot_compile_sm90`.
-_AOT_SCRIPT = r"""
-import importlib, json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-results = []
-for job in json.loads(sys.argv[1]):
-    fn = getattr(importlib.import_module(job["module"]), job["kernel"])
-    ce = job["constexprs"]
-    sig = {n: "constexpr" if n in ce else job["types"].get(n, "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n not in ce and (sig[n].startswith("*") or n in job["divisible"])}  # as the launcher specializes
-    k = triton.compile(ASTSource(fn, sig, ce, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    local = re.search(r"LOCAL:(\d+)", usage)
-    results.append({"label": job["label"], "shared": k.metadata.shared, "local": int(local.group(1)),
-                    "wgmma": "wgmma.mma_async" in k.asm["ptx"]})
-print(json.dumps(results))
-"""
-SM90_SHARED_BYTES = 227 * 1024
-
-
-def aot_compile_sm90(jobs: list[dict]) -> list[dict]:
-    """Compile kernels for sm_90 in a subprocess. Each job: module, kernel, types (pointer args -> '*bf16' etc.;
-    others default to i32), constexprs, divisible (int args the launcher would see as multiples of 16),
-    num_warps, num_stages, label. Returns per job: shared bytes, local (spill) bytes, whether wgmma is used."""
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (bin_dir / "ptxas").exists() or not (bin_dir / "cuobjdump").exists():
-        pytest.skip("this Triton install has no bundled ptxas/cuobjdump")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(jobs)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+# subprocess without it compiles: `aot_compile_sm90` lives in tests/kernels/launch_capture.py (re-exported here for
+# the other kernel test files); tests/kernels/test_sm90_launches.py compiles every launch the wrappers make.
 
 
 def test_compiles_for_sm90_without_spills():
