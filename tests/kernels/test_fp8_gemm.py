@@ -12,9 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fp8_gemm import (FP8_DTYPE, GROUP_K, GemmConfig, _fp8_gemm_launch, _M_BUCKETS, fp8_gemm, fp8_gemm_ref,
-                              pick_config)
-from tests.kernels.launch_capture import SM90_SHARED_BYTES, aot_compile_sm90  # noqa: F401 (re-exported)
+from kernels.fp8_gemm import (
+    _M_BUCKETS,
+    FP8_DTYPE,
+    GROUP_K,
+    GemmConfig,
+    _fp8_gemm_launch,
+    fp8_gemm,
+    fp8_gemm_ref,
+    pick_config,
+)
+from tests.kernels.launch_capture import SM90_SHARED_BYTES, aot_compile_sm90
 
 RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 ATOL_CPU, ATOL_GPU = 1e-5, 2e-4
