@@ -1,7 +1,7 @@
 """The prepared GPU script: one run on a lent GPU (H200) checks the compiled kernels, times them, and times the
 whole model with random weights; every figure lands in one JSON beside its roofline.
 
-    python benchmarks/gpu_suite.py --output $OUT            # on the GPU machine (default budget: 330 s of steps)
+    python benchmarks/gpu_suite.py --output $OUT            # on the GPU machine (default budget: 360 s of steps)
     python benchmarks/gpu_suite.py --smoke --output /tmp/x  # CPU: the same code path on tiny shapes
     python benchmarks/gpu_suite.py --output $OUT --steps model_15b,rank_slice_340b   # a rerun of some steps
 
@@ -31,7 +31,7 @@ sys.path.insert(0, REPO)
 
 # Seconds per step on the GPU; they sum to the default budget. Measured on an H200 in the first run (see
 # benchmarks/results/): raise a step's share there, never the sum past what leaves room for a second try.
-GPU_LIMITS = {"correctness": 75, "kernels": 100, "model_15b": 100, "rank_slice_340b": 55}
+GPU_LIMITS = {"correctness": 90, "kernels": 100, "model_15b": 110, "rank_slice_340b": 60}
 SMOKE_LIMITS = {"correctness": 120, "kernels": 120, "model_15b": 120, "rank_slice_340b": 120}
 
 
