@@ -93,6 +93,20 @@ def graph_replay_ms(graphs, batches: list[int], replays: int = 20) -> dict:
     return out
 
 
+def lm_head_ms(model, batches: list[int]) -> dict:
+    """compute_logits alone (the vocab GEMM outside the decode graph) per batch size, median ms."""
+    import triton.testing
+    hidden = model.config.hidden_size
+    dtype = getattr(torch, model.config.torch_dtype)
+    out = {}
+    for batch in batches:
+        x = torch.randn(batch, hidden, device="cuda", dtype=dtype)
+        with torch.inference_mode():
+            out[str(batch)] = round(triton.testing.do_bench(lambda x=x: model.compute_logits(x), warmup=5, rep=20,
+                                                            return_mode="median"), 4)
+    return out
+
+
 def _engine(model: str, batches: list[int], backend: str, dtype: str, device: str, kv_cache_dtype: str,
             max_model_len: int, max_num_batched_tokens: int, num_kv_blocks: int | None = None):
     from server.engine.config import EngineConfig
@@ -150,6 +164,7 @@ def model_run(preset: str, batches: list[int], backend: str, dtype: str, prompt_
     if engine.runner.graphs is not None:
         try:
             result["graph_replay_ms"] = graph_replay_ms(engine.runner.graphs, batches)
+            result["lm_head_ms"] = lm_head_ms(engine.runner.model, batches)
         except Exception as e:  # noqa: BLE001 — a diagnostic: its failure must not cost the TTFT below
             result["graph_replay_ms"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         emit(result)

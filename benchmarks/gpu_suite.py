@@ -14,6 +14,7 @@ JSON is rewritten after every step, and each step's log lands beside it.
 3. model_15b: the 15B preset in FP8 (weights quantized at load, FP8 KV cache, Triton kernels, CUDA graphs):
    decode tokens/s at batch 1/16/64/256 beside the HBM roofline, prefill tokens/s, the TTFT of a 2k prompt;
 4. rank_slice_340b: one 340B TP=8 rank's layers timed on this GPU and projected to a step through `n4 plan`.
+5. sweep (only when named in --steps): launch-config alternatives of each kernel (benchmarks/gpu_sweep.py).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ sys.path.insert(0, REPO)
 
 # Seconds per step on the GPU; they sum to the default budget. Measured on an H200 in the first run (see
 # benchmarks/results/): raise a step's share there, never the sum past what leaves room for a second try.
-GPU_LIMITS = {"correctness": 90, "kernels": 100, "model_15b": 110, "rank_slice_340b": 60}
-SMOKE_LIMITS = {"correctness": 120, "kernels": 120, "model_15b": 120, "rank_slice_340b": 120}
+GPU_LIMITS = {"correctness": 90, "kernels": 100, "model_15b": 110, "rank_slice_340b": 60, "sweep": 200}
+SMOKE_LIMITS = {"correctness": 120, "kernels": 120, "model_15b": 120, "rank_slice_340b": 120, "sweep": 120}
 
 
 def _write(path: str, report: dict) -> None:
@@ -97,8 +98,17 @@ def step_rank_slice(smoke: bool, emit) -> dict:
     return rank_slice_run((2, 6), [1, 16, 64], "triton", "bfloat16", 128, 32, "fp8", emit)
 
 
+def step_sweep(smoke: bool, emit) -> dict:
+    if smoke:
+        os.environ["N4_SWEEP_SMOKE"] = "1"
+    from benchmarks.gpu_sweep import run_sweep
+    return run_sweep(emit)
+
+
 STEPS = {"correctness": step_correctness, "kernels": step_kernels, "model_15b": step_model,
-         "rank_slice_340b": step_rank_slice}
+         "rank_slice_340b": step_rank_slice, "sweep": step_sweep}
+# The sweep (benchmarks/gpu_sweep.py) is for re-tuning the kernels' tables: asked for by name, not run by default.
+DEFAULT_STEPS = ("correctness", "kernels", "model_15b", "rank_slice_340b")
 
 
 def run_step(name: str, smoke: bool, step_json: str) -> None:
@@ -170,7 +180,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.environ.get("OUT", "."))
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path")
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
+    parser.add_argument("--steps", default=",".join(DEFAULT_STEPS),
+                        help=f"comma-separated steps out of {', '.join(STEPS)} (default: {', '.join(DEFAULT_STEPS)})")
     parser.add_argument("--scale-limits", type=float, default=1.0, help="multiply every step's time limit")
     parser.add_argument("--run-step", choices=list(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--step-json", help=argparse.SUPPRESS)

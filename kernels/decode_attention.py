@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -265,6 +266,21 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_splits: context splits per sequence; None picks them from the batch shape (see `_auto_num_splits`), which
     reads no device memory, so the launch stays CUDA-graph capturable for a fixed (B, max_seq_len).
     """
+    return _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, scale, k_scale, v_scale,
+                          num_splits, None)
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """Launch parameters of the split kernel; None in `_decode_launch` takes the defaults below (the GPU sweep in
+    benchmarks/gpu_sweep.py times alternatives)."""
+    block_n: int          # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, scale, k_scale, v_scale,
+                   num_splits: int | None, tiles: DecodeTiles | None) -> torch.Tensor:
     _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, num_splits)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -275,6 +291,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = max(block_size, _TILE_ELEMENTS // block_d)  # 64 for D <= 128, 32 for D = 192 / 256
+    num_warps, num_stages = 4, 2
+    if tiles is not None:
+        block_n, num_warps, num_stages = max(block_size, tiles.block_n), tiles.num_warps, tiles.num_stages
     auto = num_splits is None
     if auto:
         num_splits = _auto_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device)
@@ -299,7 +318,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16, SINGLE_SPLIT=single,
-        num_warps=4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_max, part_sum, out, num_splits, *out.stride(),

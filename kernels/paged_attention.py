@@ -325,6 +325,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     max_query_len and max_seq_len are accepted for signature parity; the kernel bounds each sequence on the device,
     so the launch needs no host sync and is CUDA-graph safe.
     """
+    return _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, k_scale, v_scale,
+                           None)
+
+
+def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, k_scale, v_scale,
+                    cfg: dict | None) -> torch.Tensor:
+    """The launch; cfg overrides `_launch_config` (BLOCK_R, BLOCK_N, num_warps, num_stages) for the GPU sweep in
+    benchmarks/gpu_sweep.py."""
     _check_prefill_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -336,7 +344,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
 
     block_da, block_db = _split_head_dim(head_dim)
-    cfg = _launch_config(head_dim, group, q.element_size())
+    cfg = cfg or _launch_config(head_dim, group, q.element_size())
     tile_m = cfg["BLOCK_R"] // group                                         # tokens per program
     grid = (num_tokens // tile_m + num_seqs, num_kv_heads)                   # >= sum_b cdiv(q_len_b, TILE_M)
     _paged_prefill_attention_kernel[grid](

@@ -30,3 +30,27 @@ def test_gpu_suite_smoke(tmp_path):
     assert [p["batch"] for p in projection] == [1, 2] and all("ms_per_layer" in p for p in projection)
     for step in ("correctness", "kernels", "model_15b", "rank_slice_340b"):
         assert (tmp_path / f"{step}.log").exists()
+
+
+@pytest.mark.slow
+def test_gpu_suite_sweep_smoke(tmp_path):
+    """The sweep step on tiny shapes: every config is timed, checked against the default config's output and the
+    best is reported."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--steps", "sweep",
+                           "--output", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = json.loads((tmp_path / "gpu_suite.json").read_text())["sweep"]
+    assert "error" not in sweep, sweep
+    kernels = {case["kernel"] for case in sweep["cases"]}
+    assert kernels == {"fp8_gemm", "decode_attention", "prefill_attention"}
+    for case in sweep["cases"]:
+        assert case["default_ms"] > 0 and case["configs"]
+        assert all(c["correct"] and c["ms"] > 0 for c in case["configs"]), case
+        assert case["best"] in case["configs"]
+
+
+def test_gpu_suite_rejects_unknown_steps(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--steps", "kernels,bogus",
+                           "--output", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown step(s) bogus" in proc.stderr

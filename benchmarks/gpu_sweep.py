@@ -1,0 +1,265 @@
+"""Launch-config sweeps for a lent GPU (a step of benchmarks/gpu_suite.py): each kernel's alternatives timed side by
+side on the model shapes, so that its table in kernels/ is chosen from measurements, as vLLM does per device.
+
+- fp8_gemm: tile shape, warps, stages and split-K per M bucket (decode M = 1 and 16, M = 64, prefill M = 256 and
+  4096) on the 15B and 340B-TP8 projections, beside torch._scaled_mm;
+- decode attention: keys per tile, warps, stages, BF16 and FP8 caches, beside SDPA on dense K/V;
+- prefill attention: score rows, keys per tile, warps, stages, beside SDPA (flash).
+
+Every config first runs once in a pool of processes: Triton compiles there in parallel (about 2 s each, 150+
+configs) and the timing process then finds them in the on-disk cache. Each config's output is compared with the
+default's, so that a config that is fast because it is wrong is flagged, and a config that fails to compile or
+launch (too much shared memory) is recorded with its error instead of stopping the sweep.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, is_dataclass
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+SMOKE = os.environ.get("N4_SWEEP_SMOKE") == "1"   # tiny shapes, few configs: the CPU test of this code path
+
+
+@dataclass
+class SweepCase:
+    kernel: str
+    shape: str
+    make: Callable[[torch.device], tuple]                 # device -> inputs
+    run: Callable[[tuple, object], torch.Tensor]           # (inputs, config or None = default) -> output
+    configs: list
+    baseline: Callable[[tuple], object] | None = None      # torch's own op on the same problem, for scale
+    rtol: float = 2e-2                                     # output vs the default config's
+    # Cases of one group compile to the same kernels (same constexprs and launch-time specialization): only the
+    # first of a group is warmed, its configs spread over the pool.
+    compile_group: str = ""
+
+
+def _cfg_dict(cfg) -> dict | None:
+    if cfg is None:
+        return None
+    return asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+
+
+# ---- fp8 GEMM --------------------------------------------------------------------------------------------------
+
+_GEMM_SHAPES = {  # name: (N, K)
+    "15b qkv": (8192, 6144), "15b o": (6144, 6144), "15b up": (24576, 6144), "15b down": (6144, 24576),
+    "340b-tp8 qkv": (2688, 18432), "340b-tp8 down": (18432, 9216),
+}
+
+
+def _gemm_configs(m: int) -> list:
+    from kernels.fp8_gemm import GemmConfig
+    if SMOKE:
+        return [GemmConfig(16, 32, 64, 1, 4, 2), GemmConfig(16, 64, 64, 1, 4, 2, 2)]
+    if m <= 16:
+        return [GemmConfig(16, n, k, 1, w, s, split) for n in (32, 64, 128) for k in (128, 256) for w in (2, 4)
+                for s in (4, 6) for split in (1, 2)]
+    if m <= 64:
+        return [GemmConfig(64, n, 128, 1, 4, s, split) for n in (64, 128) for s in (3, 4, 5) for split in (1, 2)]
+    return [GemmConfig(bm, bn, bk, 8, w, s) for bm in (64, 128) for bn in (128, 256) for bk in (64, 128)
+            for w in (4, 8) for s in (3, 4)
+            if (bm * bk + bn * bk) * s <= 200 * 1024 and not (bm == 64 and w == 8 and bn == 128)]
+
+
+def _gemm_case(name: str, m: int) -> SweepCase:
+    from kernels.fp8_gemm import _fp8_gemm_launch
+    n, k = (256, 512) if SMOKE else _GEMM_SHAPES[name]
+
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(m * 7 + n)
+        a = torch.randn((m, k), device=device, generator=g).to(FP8)
+        b = (torch.randn((n, k), device=device, generator=g) * 0.5).to(FP8)
+        return a, b, torch.rand(m, device=device) * 0.01 + 1e-3, torch.rand(n, device=device) * 0.01 + 1e-3
+
+    def run(x, cfg):
+        return _fp8_gemm_launch(*x, torch.bfloat16, cfg)
+
+    def baseline(x):
+        a, b, sa, sb = x
+        return torch._scaled_mm(a, b.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16)
+
+    # Every model N, K and stride is a multiple of 16 and every K of 256: only M == 1 (a constant) and the M bucket's
+    # config list tell the compiled kernels apart.
+    group = f"fp8_gemm M={m}" if m == 1 else f"fp8_gemm bucket={min(m, 256)}"
+    return SweepCase("fp8_gemm", f"{name} M={m} N={n} K={k}", make, run, _gemm_configs(m), baseline,
+                     compile_group=group)
+
+
+# ---- decode attention --------------------------------------------------------------------------------------------
+
+def _decode_case(model: str, batch: int, ctx: int, kv_dtype) -> SweepCase:
+    from kernels.decode_attention import DecodeTiles, _decode_launch
+    heads, kv_heads, d = {"15b": (48, 8, 128), "340b-tp8": (12, 1, 192), "tiny": (6, 1, 64)}[model]
+    fp8 = kv_dtype == FP8
+
+    def make(device):
+        blocks = batch * -(-ctx // 16)
+        kc = torch.randn(blocks, 16, kv_heads, d, device=device).to(kv_dtype)
+        vc = torch.randn(blocks, 16, kv_heads, d, device=device).to(kv_dtype)
+        tables = torch.randperm(blocks, device=device).to(torch.int32).view(batch, -1)
+        q = torch.randn(batch, heads, d, device=device, dtype=torch.bfloat16)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        dense = (torch.randn(batch, kv_heads, ctx, d, device=device, dtype=torch.bfloat16),) * 2 if not fp8 else ()
+        return (q, kc, vc, lens, tables) + dense
+
+    def run(x, tiles):
+        q, kc, vc, lens, tables = x[:5]
+        return _decode_launch(q, kc, vc, lens, tables, ctx, d ** -0.5, 0.05 if fp8 else 1.0, 0.05 if fp8 else 1.0,
+                              None, tiles)
+
+    def baseline(x):
+        if fp8:
+            return None
+        q, kd = x[0], x[5]
+        return torch.nn.functional.scaled_dot_product_attention(q.view(batch, heads, 1, d), kd, kd, enable_gqa=True)
+
+    configs = ([DecodeTiles(32, 4, 2)] if SMOKE else
+               [DecodeTiles(n, w, s) for n in (32, 64, 128) for w in (2, 4, 8) for s in (2, 3, 4)
+                if not (d > 128 and n == 128)])
+    name = "fp8" if fp8 else "bf16"
+    shape = f"{model} B={batch} ctx={ctx} kv={name}"
+    return SweepCase("decode_attention", shape, make, run, configs, baseline, compile_group=shape)
+
+
+# ---- prefill attention -------------------------------------------------------------------------------------------
+
+def _prefill_case(model: str, seqs: int, seq_len: int) -> SweepCase:
+    from kernels.paged_attention import _prefill_launch
+    heads, kv_heads, d = {"15b": (48, 8, 128), "340b-tp8": (12, 1, 192), "tiny": (6, 1, 64)}[model]
+    group = heads // kv_heads
+
+    def make(device):
+        blocks = seqs * -(-seq_len // 16)
+        t = seqs * seq_len
+        kc = torch.randn(blocks, 16, kv_heads, d, device=device, dtype=torch.bfloat16)
+        vc = torch.randn(blocks, 16, kv_heads, d, device=device, dtype=torch.bfloat16)
+        tables = torch.randperm(blocks, device=device).to(torch.int32).view(seqs, -1)
+        q = torch.randn(t, heads, d, device=device, dtype=torch.bfloat16)
+        qsl = torch.arange(0, t + 1, seq_len, dtype=torch.int32, device=device)
+        lens = torch.full((seqs,), seq_len, dtype=torch.int32, device=device)
+        qd = torch.randn(seqs, heads, seq_len, d, device=device, dtype=torch.bfloat16)
+        kd = torch.randn(seqs, kv_heads, seq_len, d, device=device, dtype=torch.bfloat16)
+        return q, kc, vc, qsl, lens, tables, qd, kd
+
+    def run(x, cfg):
+        q, kc, vc, qsl, lens, tables = x[:6]
+        return _prefill_launch(q, kc, vc, qsl, lens, tables, d ** -0.5, 1.0, 1.0, cfg)
+
+    def baseline(x):
+        qd, kd = x[6], x[7]
+        return torch.nn.functional.scaled_dot_product_attention(qd, kd, kd, is_causal=True, enable_gqa=True)
+
+    rows = (64, 128) if group <= 64 else (128,)
+    configs = ([dict(BLOCK_R=32, BLOCK_N=16, num_warps=4, num_stages=2)] if SMOKE else
+               [dict(BLOCK_R=r, BLOCK_N=n, num_warps=w, num_stages=s) for r in rows for n in (32, 64, 128)
+                for w in (4, 8) for s in (2, 3, 4) if not (d > 128 and n == 128) and r >= group])
+    shape = f"{model} {seqs}x{seq_len} bf16"
+    return SweepCase("prefill_attention", shape, make, run, configs, baseline, compile_group=shape)
+
+
+def sweep_cases() -> list[SweepCase]:
+    if SMOKE:
+        return [_gemm_case("tiny", 1), _decode_case("tiny", 2, 64, FP8), _prefill_case("tiny", 1, 64)]
+    cases = [_gemm_case(name, m) for m in (1, 16) for name in _GEMM_SHAPES]
+    cases += [_gemm_case(name, 64) for name in ("15b qkv", "15b up", "340b-tp8 down")]
+    cases += [_gemm_case(name, m) for m in (256, 4096) for name in ("15b qkv", "15b up", "15b down", "340b-tp8 down")]
+    cases += [_decode_case("15b", b, 4096, dt) for b in (1, 64) for dt in (torch.bfloat16, FP8)]
+    cases += [_decode_case("340b-tp8", 64, 4096, dt) for dt in (torch.bfloat16, FP8)]
+    cases += [_prefill_case("15b", 1, 4096), _prefill_case("340b-tp8", 1, 4096)]
+    return cases
+
+
+# ---- running -----------------------------------------------------------------------------------------------------
+
+def _warm_tasks(cases: list[SweepCase], chunk: int = 3) -> list[tuple[int, list[int]]]:
+    """(case index, config indices) for the pool: the first case of each compile group, configs in chunks."""
+    tasks, seen = [], set()
+    for i, case in enumerate(cases):
+        if case.compile_group in seen:
+            continue
+        seen.add(case.compile_group)
+        indices = list(range(len(case.configs)))
+        tasks += [(i, indices[j:j + chunk]) for j in range(0, len(indices), chunk)]
+    return tasks
+
+
+def _warm(task: tuple[int, list[int]]) -> int:
+    """In a pool process: run some configs of one case once (Triton compiles them into its on-disk cache)."""
+    case_index, config_indices = task
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    case = sweep_cases()[case_index]
+    x = case.make(device)
+    for cfg in [case.configs[i] for i in config_indices] + ([None] if config_indices[:1] == [0] else []):
+        try:
+            case.run(x, cfg)
+        except Exception:  # noqa: BLE001 — recorded by the timing pass
+            pass
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return case_index
+
+
+def _time(fn, cuda: bool) -> float:
+    """Median ms (do_bench clears L2 between calls on CUDA)."""
+    if cuda:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+    import time
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
+    out, ref = out.float(), ref.float()
+    return bool(torch.isfinite(out).all()) and float((out - ref).norm()) <= rtol * float(ref.norm()) + 1e-6
+
+
+def run_sweep(emit: Callable[[dict], None], workers: int = 12) -> dict:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cases = sweep_cases()
+    result: dict = {"cases": []}
+    if cuda and workers > 1:
+        import multiprocessing
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_warm, _warm_tasks(cases)))
+    for case in cases:
+        row: dict = {"kernel": case.kernel, "shape": case.shape, "configs": []}
+        try:
+            x = case.make(device)
+            default_out = case.run(x, None)
+            row["default_ms"] = round(_time(lambda: case.run(x, None), cuda), 5)
+            if case.baseline is not None and case.baseline(x) is not None:
+                row["baseline_ms"] = round(_time(lambda: case.baseline(x), cuda), 5)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            result["cases"].append(row)
+            emit(result)
+            continue
+        for cfg in case.configs:
+            entry: dict = {"config": _cfg_dict(cfg)}
+            try:
+                entry["correct"] = _close(case.run(x, cfg), default_out, case.rtol)
+                entry["ms"] = round(_time(lambda cfg=cfg: case.run(x, cfg), cuda), 5)
+            except Exception as e:  # noqa: BLE001 — too much shared memory, a compile error: noted
+                entry["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            row["configs"].append(entry)
+        timed = [c for c in row["configs"] if c.get("correct") and "ms" in c]
+        if timed:
+            best = min(timed, key=lambda c: c["ms"])
+            row["best"] = best
+            row["best_vs_default"] = round(row["default_ms"] / best["ms"], 3)
+        result["cases"].append(row)
+        del x
+        emit(result)
+        print(f"{case.kernel} {case.shape}: default {row['default_ms']:.4f} ms, best "
+              f"{row.get('best', {}).get('ms', math.nan):.4f} ms {row.get('best', {}).get('config')}, "
+              f"baseline {row.get('baseline_ms')}", flush=True)
+    return result
