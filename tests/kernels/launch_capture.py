@@ -21,9 +21,11 @@ kernel launches a public wrapper makes so that they can be compiled exactly as t
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 import tempfile
@@ -174,6 +176,11 @@ def capture_launches():
         shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
         return torch.empty(shape, dtype=a.dtype, device=a.device)
 
+    # Every kernels module is imported first: one imported inside the capture would bind the patched function (its
+    # `from kernels.triton_utils import interpreting` reads the patched module attribute) and keep it afterwards.
+    import kernels
+    for info in pkgutil.iter_modules(kernels.__path__):
+        importlib.import_module(f"kernels.{info.name}")
     original_interpreting = tu.interpreting  # kernels.triton_utils is among the patched modules itself
     patched = [m for name, m in list(sys.modules.items())
                if name.startswith("kernels.") and getattr(m, "interpreting", None) is original_interpreting]
