@@ -102,7 +102,7 @@ def step_sweep(smoke: bool, emit) -> dict:
     if smoke:
         os.environ["N4_SWEEP_SMOKE"] = "1"
     from benchmarks.gpu_sweep import run_sweep
-    return run_sweep(emit)
+    return run_sweep(emit, workers=2 if smoke else None)
 
 
 STEPS = {"correctness": step_correctness, "kernels": step_kernels, "model_15b": step_model,

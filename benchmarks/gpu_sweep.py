@@ -2,7 +2,9 @@
 side on the model shapes, so that its table in kernels/ is chosen from measurements, as vLLM does per device.
 
 - fp8_gemm: tile shape, warps, stages and split-K per M bucket (decode M = 1 and 16, M = 64, prefill M = 256 and
-  4096) on the 15B and 340B-TP8 projections, beside torch._scaled_mm;
+  4096) on the 15B and 340B-TP8 projections, beside torch._scaled_mm; the same with per-group A scales (the fused
+  MLP's down projection) at decode sizes;
+- the fused MLP's up projection (relu^2 + FP8 group quantization epilogue): K tile, warps, stages;
 - decode attention: keys per tile, warps, stages, BF16 and FP8 caches, beside SDPA on dense K/V;
 - prefill attention: score rows, keys per tile, warps, stages, beside SDPA (flash).
 
@@ -91,6 +93,52 @@ def _gemm_case(name: str, m: int) -> SweepCase:
                      compile_group=group)
 
 
+def _gemm_grouped_case(name: str, m: int) -> SweepCase:
+    """The fused MLP's down projection: A carries per-token per-128-group scales, applied inside the K loop."""
+    from kernels.fp8_gemm import GemmConfig, _fp8_gemm_launch
+    n, k = (256, 512) if SMOKE else _GEMM_SHAPES[name]
+
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(m * 11 + n)
+        a = torch.randn((m, k), device=device, generator=g).to(FP8)
+        b = (torch.randn((n, k), device=device, generator=g) * 0.5).to(FP8)
+        sa = torch.rand((m, -(-k // 128)), device=device) * 0.01 + 1e-3
+        return a, b, sa, torch.rand(n, device=device) * 0.01 + 1e-3
+
+    def run(x, cfg):
+        return _fp8_gemm_launch(*x, torch.bfloat16, cfg)
+
+    configs = ([GemmConfig(16, 32, 64, 1, 4, 2)] if SMOKE else
+               [GemmConfig(16, bn, bk, 1, w, s, split) for bn in (32, 64, 128) for bk in (64, 128) for w in (2, 4)
+                for s in (4, 6) for split in (1, 2)])
+    return SweepCase("fp8_gemm_grouped_a", f"{name} M={m} N={n} K={k}", make, run, configs,
+                     compile_group=f"fp8_gemm_grouped_a M={m}" if m == 1 else "fp8_gemm_grouped_a bucket=16")
+
+
+def _mlp_up_case(model: str, m: int) -> SweepCase:
+    """The fused MLP's up projection (relu^2 and the per-group FP8 quantization in its epilogue)."""
+    from kernels.fp8_gemm import GROUP_K, GemmConfig
+    from kernels.mlp import _up_squared_relu_fp8
+    h, inter = {"15b": (6144, 24576), "340b-tp8": (18432, 9216), "tiny": (256, 512)}[model]
+
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(m * 13 + h)
+        x = torch.randn((m, h), device=device, generator=g).to(FP8)
+        w = (torch.randn((inter, h), device=device, generator=g) * 0.5).to(FP8)
+        return x, torch.rand(m, device=device) * 0.01 + 1e-3, w, torch.rand(inter, device=device) * 0.01 + 1e-3
+
+    def run(x, cfg):
+        h_fp8, h_scale = _up_squared_relu_fp8(*x, cfg=cfg)
+        return h_fp8.float() * h_scale.repeat_interleave(GROUP_K, dim=1)[:, :inter]
+
+    bm = 16 if m <= 16 else 64
+    configs = ([GemmConfig(16, GROUP_K, 64, 1, 4, 2)] if SMOKE else
+               [GemmConfig(bm, GROUP_K, bk, 1, w, s) for bk in (64, 128, 256) for w in (2, 4, 8) for s in (3, 4, 5, 6)
+                if not (bk == 256 and s > 4)])
+    return SweepCase("mlp_up_fp8", f"{model} M={m} H={h} I={inter}", make, run, configs,
+                     compile_group=f"mlp_up_fp8 M={m}" if m == 1 else f"mlp_up_fp8 bucket={bm}")
+
+
 # ---- decode attention --------------------------------------------------------------------------------------------
 
 def _decode_case(model: str, batch: int, ctx: int, kv_dtype) -> SweepCase:
@@ -165,10 +213,13 @@ def _prefill_case(model: str, seqs: int, seq_len: int) -> SweepCase:
 
 def sweep_cases() -> list[SweepCase]:
     if SMOKE:
-        return [_gemm_case("tiny", 1), _decode_case("tiny", 2, 64, FP8), _prefill_case("tiny", 1, 64)]
+        return [_gemm_case("tiny", 1), _gemm_grouped_case("tiny", 1), _mlp_up_case("tiny", 1),
+                _decode_case("tiny", 2, 64, FP8), _prefill_case("tiny", 1, 64)]
     cases = [_gemm_case(name, m) for m in (1, 16) for name in _GEMM_SHAPES]
     cases += [_gemm_case(name, 64) for name in ("15b qkv", "15b up", "340b-tp8 down")]
     cases += [_gemm_case(name, m) for m in (256, 4096) for name in ("15b qkv", "15b up", "15b down", "340b-tp8 down")]
+    cases += [_gemm_grouped_case(name, m) for m in (1, 16) for name in ("15b down", "340b-tp8 down")]
+    cases += [_mlp_up_case(model, m) for m in (1, 16, 64) for model in ("15b", "340b-tp8")]
     cases += [_decode_case("15b", b, 4096, dt) for b in (1, 64) for dt in (torch.bfloat16, FP8)]
     cases += [_decode_case("340b-tp8", 64, 4096, dt) for dt in (torch.bfloat16, FP8)]
     cases += [_prefill_case("15b", 1, 4096), _prefill_case("340b-tp8", 1, 4096)]
@@ -221,15 +272,21 @@ def _close(out: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
     return bool(torch.isfinite(out).all()) and float((out - ref).norm()) <= rtol * float(ref.norm()) + 1e-6
 
 
-def run_sweep(emit: Callable[[dict], None], workers: int = 12) -> dict:
+def run_sweep(emit: Callable[[dict], None], workers: int | None = None) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     cases = sweep_cases()
     result: dict = {"cases": []}
-    if cuda and workers > 1:
+    workers = workers or max(1, min(14, (os.cpu_count() or 2) - 2))
+    if workers > 1:
         import multiprocessing
+        import time
+        start = time.perf_counter()
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_warm, _warm_tasks(cases)))
+        result["compile_s"] = round(time.perf_counter() - start, 1)
+        result["compile_workers"] = workers
+        emit(result)
     for case in cases:
         row: dict = {"kernel": case.kernel, "shape": case.shape, "configs": []}
         try:

@@ -242,14 +242,18 @@ def squared_relu_mlp_fp8_ref(x_fp8: torch.Tensor, x_scale: torch.Tensor, up_w_fp
     return fp8_gemm_ref(h_fp8, down_w_fp8, h_scale, down_scale, out_dtype)
 
 
-def _up_squared_relu_fp8(x_fp8, x_scale, up_w_fp8, up_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch `_up_squared_relu_fp8_kernel` -> (h_fp8 [M, I], h_scale [M, ceil(I / 128)] fp32)."""
+def _up_squared_relu_fp8(x_fp8, x_scale, up_w_fp8, up_scale, cfg: GemmConfig | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch `_up_squared_relu_fp8_kernel` -> (h_fp8 [M, I], h_scale [M, ceil(I / 128)] fp32). cfg overrides the
+    M-bucket table (the GPU sweep, benchmarks/gpu_sweep.py); its BLOCK_N must be the 128-wide group."""
     (M, H), inter = x_fp8.shape, up_w_fp8.shape[0]
     x_per_token, x_s, w_per_channel, w_s = _up_scales("squared_relu_mlp_fp8", x_fp8, x_scale, up_w_fp8, up_scale)
     h = torch.empty((M, inter), dtype=FP8_DTYPE, device=x_fp8.device)       # [M, I]
     h_scale = torch.empty((M, triton.cdiv(inter, GROUP_K)), dtype=torch.float32, device=x_fp8.device)  # [M, G]
     if M and inter:
-        cfg = _bucket(_FP8_BUCKETS, M)
+        cfg = cfg or _bucket(_FP8_BUCKETS, M)
+        if cfg.block_n != GROUP_K:  # one tile is one quantization group
+            raise ValueError(f"squared_relu_mlp_fp8: BLOCK_N {cfg.block_n} must be the group width {GROUP_K}")
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(inter, cfg.block_n),)
         _up_squared_relu_fp8_kernel[grid](
             x_fp8, up_w_fp8, h, h_scale, x_s, w_s, M, inter, H,
