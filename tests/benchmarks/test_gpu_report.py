@@ -1,0 +1,35 @@
+"""benchmarks/gpu_report.py renders a suite JSON (here the first H200 run, committed under benchmarks/results/)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_report import main, render
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def test_renders_the_committed_h200_run():
+    report = json.loads((RESULTS / "gpu-suite-h200-2026-11-28-run1.json").read_text())
+    text = render(report)
+    assert "NVIDIA H200" in text and "Triton 3.6.0" in text
+    # One row per decode batch, with the measured step time and its fraction of the HBM roofline.
+    for row in report["model_15b"]["decode"]:
+        assert f"| {row['batch']} | {row['ms_per_step']:.2f} |" in text
+    assert "| fp8_gemm | 15b qkv M=1 N=8192 K=6144 |" in text and "torch._scaled_mm" in text
+    assert "Compiled-kernel tests: 9 failed, 62 passed" in text
+
+
+def test_a_failed_step_shows_its_error():
+    text = render({"device": "x", "model_15b": {"error": "stopped at its 110 s limit", "decode": []}})
+    assert "Step error: stopped at its 110 s limit" in text
+
+
+def test_unreadable_json_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{")
+    with pytest.raises(SystemExit) as e:
+        main([str(bad)])
+    assert "cannot read" in str(e.value)
