@@ -2,9 +2,10 @@
 
 Convention (REFERENCE.md, "FP8 formats"): dequantized = fp8.float() * scale.
 
-- Dynamic scales: scale = max(amax, EPS) / 448 in fp32, amax over the row (per token) or over the whole tensor
-  (per tensor). EPS = 1e-12 keeps an all-zero row from producing 0/0: its scale is EPS / 448 and its values
-  quantize to +0 (no NaN). Rows with amax below EPS are treated like zeros (everything they hold is < 1e-12).
+- Dynamic scales: scale = max(amax, EPS) / 448 in fp32 (IEEE division, see `ieee_div`), amax over the row (per
+  token) or over the whole tensor (per tensor). EPS = 1e-12 keeps an all-zero row from producing 0/0: its scale
+  is EPS / 448 and its values quantize to +0 (no NaN). Rows with amax below EPS are treated like zeros
+  (everything they hold is < 1e-12).
 - Values: q = e4m3(clamp(x.float() * (1 / scale), -448, 448)), the reciprocal computed once in fp32 with IEEE
   rounding, the product rounded to fp32, then rounded to nearest-even onto the E4M3 grid (saturating: the clamp
   comes first, so nothing becomes NaN). NaN inputs are unspecified.
@@ -82,6 +83,28 @@ def _quantize_fp8_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride
     tl.store(scale_ptr + row, scale)
 
 
+def ieee_div(v: torch.Tensor, divisor: float) -> torch.Tensor:
+    """v / divisor (fp32 v), correctly rounded on every device, as the kernels' `tl.math.div_rn`.
+
+    Not `v / divisor` with a Python float: on CUDA, dividing a tensor by a CPU scalar computes
+    `v * (1 / divisor)` (aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu: "may lose one bit of precision"), so
+    e.g. amax / 448 can come out one fp32 ulp off the IEEE quotient. A 0-dim tensor on v's device takes the
+    elementwise `a / b` path instead (IEEE division; on the CPU both paths divide exactly, so CPU results are the
+    same bits as before). `torch.full` fills on the device from a kernel argument: no host-to-device copy, so this
+    stays CUDA-graph safe (torch.tensor(...) / new_tensor would copy from host memory).
+
+    `1.0 / scale` elsewhere is fine as it is: Python-scalar / tensor is `scale.reciprocal() * 1.0`
+    (Tensor.__rtruediv__), CUDA's reciprocal kernel is `static_cast<T>(1) / a` (UnaryFractionKernels.cu; PyTorch
+    is built without fast-math, so that is an IEEE division) and the CPU one divides too; `* 1.0` is exact.
+    """
+    return v / torch.full((), divisor, dtype=torch.float32, device=v.device)
+
+
+def _scale_from_amax_ref(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 amax (any shape) -> max(amax, EPS) / 448 with IEEE division (the kernels' `_scale_from_amax`)."""
+    return ieee_div(amax.clamp(min=EPS), FP8_MAX)
+
+
 def _e4m3_ref(v: torch.Tensor) -> torch.Tensor:
     """fp32 -> E4M3, saturating (torch's cast rounds to nearest-even but turns out-of-range values into NaN)."""
     return v.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -91,7 +114,7 @@ def quantize_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """x [M, K] (bf16/fp16/fp32) -> (x_fp8 [M, K] e4m3, scale [M] fp32) with x ~= x_fp8.float() * scale[:, None]."""
     xf = x.float()                                                           # [M, K]
     amax = xf.abs().amax(dim=1) if x.shape[1] else xf.new_zeros(x.shape[0])  # [M]
-    scale = amax.clamp(min=EPS) / FP8_MAX                                    # [M]
+    scale = _scale_from_amax_ref(amax)                                       # [M]
     return _e4m3_ref(xf * (1.0 / scale)[:, None]), scale
 
 
@@ -140,7 +163,7 @@ def quantize_fp8_per_tensor_ref(x: torch.Tensor, scale: torch.Tensor | None = No
     xf = x.float()
     if scale is None:
         amax = xf.abs().amax() if x.numel() else xf.new_zeros(())            # []
-        scale = amax.clamp(min=EPS) / FP8_MAX                                # []
+        scale = _scale_from_amax_ref(amax)                                   # []
     else:
         scale = _static_scale(scale, "quantize_fp8_per_tensor_ref")
     return _e4m3_ref(xf * (1.0 / scale)), scale
@@ -156,7 +179,7 @@ def quantize_fp8_per_tensor(x: torch.Tensor, scale: torch.Tensor | None = None
         else:
             lo, hi = torch.aminmax(x)
             amax = torch.maximum(hi.float(), -lo.float())                    # []
-        scale = amax.clamp(min=EPS) / FP8_MAX                                # []
+        scale = _scale_from_amax_ref(amax)                                   # [] IEEE, like the per-token kernel
     else:
         scale = _static_scale(scale, "quantize_fp8_per_tensor")
         if scale.device != x.device:

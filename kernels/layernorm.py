@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.fp8_quant import ieee_div
 from kernels.triton_utils import interpreting, round_to_e4m3
 
 FP8_E4M3_MAX = 448.0
@@ -66,7 +67,9 @@ def layernorm1p_fp8_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """x [T, H]; weight, bias [H] -> (y_fp8 [T, H] float8_e4m3fn, scale [T] fp32), y ≈ y_fp8.float() * scale."""
     _check(x, weight, bias)
     y = _normalize_ref(x, weight, bias, eps)                                    # [T, H] fp32
-    scale = y.abs().amax(dim=-1).clamp(min=FP8_AMAX_EPS) / FP8_E4M3_MAX       # [T] fp32
+    # IEEE division like the kernel's div_rn: `/ FP8_E4M3_MAX` (a Python float) would run on CUDA as a multiply by
+    # the rounded reciprocal 1/448 (ieee_div in kernels/fp8_quant.py says why and why `1.0 / scale` is exact).
+    scale = ieee_div(y.abs().amax(dim=-1).clamp(min=FP8_AMAX_EPS), FP8_E4M3_MAX)  # [T] fp32
     inv_scale = 1.0 / scale                                                     # [T] fp32, rounded once
     y_fp8 = (y * inv_scale[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)  # [T, H]
     return y_fp8, scale

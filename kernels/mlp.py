@@ -42,7 +42,7 @@ import triton.language as tl
 from kernels.fp8_gemm import (A_TOKEN, FP8_DTYPE, GROUP_K, OUT_DTYPES, GemmConfig, _fp8_dot_k_range,
                               _grouped_tile, fp8_gemm, fp8_gemm_ref, parse_scales)
 from kernels.triton_utils import interpreting
-from kernels.fp8_quant import EPS, FP8_MAX, _e4m3_ref, _quantize_e4m3, _scale_from_amax
+from kernels.fp8_quant import EPS, FP8_MAX, _e4m3_ref, _quantize_e4m3, _scale_from_amax, ieee_div
 
 # Up-projection tiles per M bucket (sm_90). BF16: BLOCK_K 64 = 128 bytes per row; the big prefill tile is the usual
 # Hopper 128x256x64 / 8 warps / 3 stages (144 KiB smem). FP8: BLOCK_N is pinned to the 128-column quantization group.
@@ -219,7 +219,7 @@ def _group_quantize_ref(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = triton.cdiv(inter, GROUP_K)
     padded = torch.nn.functional.pad(h, (0, groups * GROUP_K - inter))      # [M, G * 128]
     amax = padded.view(M, groups, GROUP_K).amax(dim=2) if M else h.new_zeros(0, groups)
-    scale = amax.clamp(min=EPS) / FP8_MAX                                     # [M, G]
+    scale = ieee_div(amax.clamp(min=EPS), FP8_MAX)                            # [M, G]
     inv = (1.0 / scale).repeat_interleave(GROUP_K, dim=1)[:, :inter]         # [M, I]
     return _e4m3_ref(h * inv), scale
 

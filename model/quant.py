@@ -80,8 +80,9 @@ WEIGHT_SCALE, INPUT_SCALE, K_SCALE, V_SCALE = "weight_scale", "input_scale", "k_
 
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
-    """The E4M3 scale for values of magnitude up to `amax` (fp32)."""
-    return amax.float().clamp(min=SCALE_EPS) / FP8_MAX
+    """The E4M3 scale for values of magnitude up to `amax` (fp32), an IEEE division on every device: divided by a
+    0-dim tensor, because CUDA turns `tensor / python_float` into a reciprocal multiply (kernels/fp8_quant.ieee_div)."""
+    return amax.float().clamp(min=SCALE_EPS) / torch.full((), FP8_MAX, dtype=torch.float32, device=amax.device)
 
 
 def quantize_weight_fp8(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:

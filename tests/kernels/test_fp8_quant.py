@@ -18,6 +18,56 @@ def _bytes(q: torch.Tensor) -> torch.Tensor:
     return q.view(torch.uint8)
 
 
+def _hex(v: float) -> str:
+    return f"{v!r} ({float(v).hex()})"
+
+
+def _mismatch_report(x, q, s, q_ref, s_ref, limit=8) -> str:
+    """Why (q, s) and the reference's (q_ref, s_ref) are not bitwise equal: how many scales differ (and the largest
+    relative difference), how many E4M3 bytes differ, and for the first `limit` differing bytes the element's
+    row/col (of x viewed as [-1, last dim]), x, the fp32 product x * (1 / s_ref) the reference rounds, both codes
+    (value and byte) and what the CPU's cast makes of that product (the CPU rounds to nearest-even exactly, so it
+    says which side rounded wrong when the scales agree). Works on CPU or CUDA tensors; "" when all match."""
+    lines = []
+    s2, s2_ref = s.reshape(-1).float(), s_ref.reshape(-1).float()
+    per_token = s2_ref.numel() > 1
+    bad_s = s2 != s2_ref
+    if bad_s.any():
+        rel = ((s2 - s2_ref).abs() / s2_ref.abs()).max().item()
+        first = bad_s.nonzero()[:, 0][:limit].tolist()
+        lines.append(f"{int(bad_s.sum())} of {s2.numel()} scales differ, max relative difference {rel:.3e}; first "
+                     f"rows {first}: ours {[float(s2[i]).hex() for i in first]} ref "
+                     f"{[float(s2_ref[i]).hex() for i in first]}")
+    width = x.shape[-1] if x.dim() else 1
+    b, b_ref = _bytes(q).reshape(-1, width), _bytes(q_ref).reshape(-1, width)
+    bad = b != b_ref
+    n_bad = int(bad.sum())
+    if n_bad:
+        lines.append(f"{n_bad} of {b.numel()} bytes differ")
+        xf = x.reshape(-1, width).float()
+        for row, col in bad.nonzero()[:limit].tolist():
+            scale = s2_ref[row if per_token else 0]
+            inv = 1.0 / scale
+            prod = (xf[row, col] * inv).cpu()                                  # as the reference computes it
+            cpu_code = int(_bytes(prod.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)))
+            ours, ref = int(b[row, col]), int(b_ref[row, col])
+            lines.append(f"  [{row}, {col}] x={_hex(float(xf[row, col]))} scale={float(scale).hex()} "
+                         f"1/scale={float(inv).hex()} x*(1/scale)={_hex(float(prod))} "
+                         f"ours={_code(ours)} ref={_code(ref)} cpu cast={_code(cpu_code)}")
+    return "\n".join(lines)
+
+
+def _code(byte: int) -> str:
+    value = torch.tensor([byte], dtype=torch.uint8).view(FP8_DTYPE).float().item()
+    return f"{value!r} (0x{byte:02x})"
+
+
+def _assert_bytewise(x, q, s, q_ref, s_ref, what=""):
+    """Strict: scales and codes bit for bit; the failure message is `_mismatch_report`."""
+    ok = torch.equal(s, s_ref) and torch.equal(_bytes(q), _bytes(q_ref))
+    assert ok, f"{what}: {_mismatch_report(x, q, s, q_ref, s_ref)}"
+
+
 def _input(shape, dtype, seed=0):
     """Random values over many binades, plus rows that stress the edges: all zeros, tiny (< EPS), huge, and the
     fp8 grid's own values and midpoints (ties must round to even)."""
@@ -47,15 +97,14 @@ def test_per_token_matches_ref_bytewise(M, K, dtype):
     q, s = quantize_fp8_per_token(x)
     q_ref, s_ref = quantize_fp8_per_token_ref(x)
     assert q.dtype == FP8_DTYPE and q.shape == (M, K) and s.dtype == torch.float32 and s.shape == (M,)
-    assert torch.equal(s, s_ref)
-    assert torch.equal(_bytes(q), _bytes(q_ref))
+    _assert_bytewise(x, q, s, q_ref, s_ref, "per token")
 
 
 def test_per_token_non_contiguous_rows():
     x = _input((20, 300), torch.bfloat16)[::2, :256]                           # row stride 600
     q, s = quantize_fp8_per_token(x)
     q_ref, s_ref = quantize_fp8_per_token_ref(x)
-    assert torch.equal(s, s_ref) and torch.equal(_bytes(q), _bytes(q_ref))
+    _assert_bytewise(x, q, s, q_ref, s_ref, "per token, strided rows")
 
 
 @pytest.mark.parametrize("shape", [(1,), (17, 200), (2, 3, 1000)])
@@ -65,8 +114,7 @@ def test_per_tensor_dynamic_matches_ref_bytewise(shape, dtype):
     q, s = quantize_fp8_per_tensor(x)
     q_ref, s_ref = quantize_fp8_per_tensor_ref(x)
     assert s.shape == () and q.shape == x.shape
-    assert torch.equal(s, s_ref)
-    assert torch.equal(_bytes(q), _bytes(q_ref))
+    _assert_bytewise(x, q, s, q_ref, s_ref, "per tensor")
 
 
 @pytest.mark.parametrize("scale", [torch.tensor(0.01), torch.tensor([0.37]), torch.tensor([[1e-4]])])
@@ -76,7 +124,7 @@ def test_per_tensor_static_matches_ref_bytewise(scale):
     q, s = quantize_fp8_per_tensor(x, scale)
     q_ref, s_ref = quantize_fp8_per_tensor_ref(x, scale)
     assert s.shape == () and s.item() == pytest.approx(scale.item())
-    assert torch.equal(_bytes(q), _bytes(q_ref))
+    _assert_bytewise(x, q, s, q_ref, s_ref, "static")
     assert not q.float().isnan().any()
 
 
@@ -139,6 +187,28 @@ def test_compiles_for_sm90_without_spills():
         assert res["local"] == 0, res
 
 
+def test_mismatch_report_describes_the_differences():
+    """The GPU test's failure message, exercised on the CPU: one flipped code and one changed scale are counted and
+    located; equal results give an empty report."""
+    x = _input((8, 64), torch.bfloat16, seed=4)
+    q_ref, s_ref = quantize_fp8_per_token_ref(x)
+    assert _mismatch_report(x, q_ref, s_ref, q_ref, s_ref) == ""
+    q = q_ref.clone()
+    _bytes(q)[6, 9] ^= 1                                                    # one code, one step away
+    s = s_ref.clone()
+    s[3] = torch.nextafter(s[3], torch.tensor(float("inf")))               # one scale, one fp32 ulp away
+    report = _mismatch_report(x, q, s, q_ref, s_ref)
+    assert "1 of 8 scales differ" in report and "1 of 512 bytes differ" in report and "[6, 9]" in report
+    product = x[6, 9].float() * (1.0 / s_ref[6])
+    assert float(product).hex() in report
+    with pytest.raises(AssertionError, match="1 of 512 bytes differ"):
+        _assert_bytewise(x, q, s_ref, q_ref, s_ref, "per token")
+    q_t, s_t = quantize_fp8_per_tensor_ref(x)                               # a 0-dim scale
+    q_bad = q_t.clone()
+    _bytes(q_bad)[0, 0] ^= 1
+    assert "1 of 512 bytes differ" in _mismatch_report(x, q_bad, s_t, q_t, s_t)
+
+
 # ----------------------------------------------------------------------------------------------- GPU (CUDA only)
 
 @pytest.mark.gpu
@@ -147,10 +217,11 @@ def test_gpu_model_shapes_bytewise(M, K):
     x = _input((M, K), torch.bfloat16).cuda()
     q, s = quantize_fp8_per_token(x)
     q_ref, s_ref = quantize_fp8_per_token_ref(x)
-    assert torch.equal(s, s_ref) and torch.equal(_bytes(q), _bytes(q_ref))
+    _assert_bytewise(x, q, s, q_ref, s_ref, "per token")
     q, s = quantize_fp8_per_tensor(x)
     q_ref, s_ref = quantize_fp8_per_tensor_ref(x)
-    assert torch.equal(s, s_ref) and torch.equal(_bytes(q), _bytes(q_ref))
+    _assert_bytewise(x, q, s, q_ref, s_ref, "per tensor (dynamic)")
     static = torch.tensor([0.05], device="cuda")
-    q, _ = quantize_fp8_per_tensor(x, static)
-    assert torch.equal(_bytes(q), _bytes(quantize_fp8_per_tensor_ref(x, static)[0]))
+    q, s = quantize_fp8_per_tensor(x, static)
+    q_ref, s_ref = quantize_fp8_per_tensor_ref(x, static)
+    _assert_bytewise(x, q, s, q_ref, s_ref, "per tensor (static 0.05)")

@@ -13,6 +13,8 @@ Tolerances (see the module docstring of kernels/mlp.py):
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -60,6 +62,74 @@ def _check_bf16(M, H, inter, dtype):
     err = (out.float() - ref.float()).abs()
     allowed = OUT_RTOL[dtype] * ref.float().abs() + H_ULP[dtype] * mag
     assert (err <= allowed).all(), f"max excess {(err - allowed).max().item():.3e}"
+
+
+def _bf16_mlp_and_h(x, up, down):
+    """squared_relu_mlp(x, up, down) and the intermediate h [M, I] its Triton up projection produced: the BF16 path
+    has no separate up-projection wrapper, so h is taken from the one torch.matmul call it makes (the down
+    projection) while torch.matmul is wrapped."""
+    seen = []
+    matmul = torch.matmul
+
+    def spy(a, b, *args, **kwargs):
+        seen.append(a)
+        return matmul(a, b, *args, **kwargs)
+
+    with mock.patch.object(torch, "matmul", spy):
+        out = squared_relu_mlp(x, up, down)
+    assert len(seen) == 1, f"squared_relu_mlp made {len(seen)} torch.matmul calls, expected 1"
+    return out, seen[0]
+
+
+def _matmul_fp32_reduction(a, b):
+    """torch.matmul(a, b) with allow_bf16_reduced_precision_reduction off (cuBLAS then keeps split-K partials in
+    fp32), the flag restored afterwards."""
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_bf16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = False
+    try:
+        return torch.matmul(a, b)
+    finally:
+        flags.allow_bf16_reduced_precision_reduction = saved
+
+
+def _ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """16- or 32-bit floats as integers ordered like the values: adjacent floats differ by 1 (one ulp), ±0 are 0."""
+    int_dtype, magnitude = (torch.int16, 0x7FFF) if t.element_size() == 2 else (torch.int32, 0x7FFFFFFF)
+    bits = t.view(int_dtype).long()
+    return torch.where(bits < 0, -(bits & magnitude), bits)
+
+
+def _bound_report(out, ref, allowed, mag, h, h_ref, alternatives=None, worst=5) -> str:
+    """Why `|out - ref| <= allowed` fails: how many outputs exceed it, and for the `worst` largest excesses the
+    element (row, col, out, ref, allowed, mag) and how far the kernel's intermediate h is from the reference's in
+    that row (elements that differ, max ulps). `alternatives`: {label: another output of the same product}, each
+    summarized by its own count over the same bound and shown beside the worst elements (by the label's part before
+    " (")."""
+    alternatives = alternatives or {}
+    ref32 = ref.float()
+    err = (out.float() - ref32).abs()
+    bad = ~(err <= allowed)                                                   # NaN counts as bad
+    excess = torch.where(bad, (err - allowed).nan_to_num(nan=float("inf")), torch.full_like(err, -float("inf")))
+    lines = [f"{int(bad.sum())} of {out.numel()} outputs over the bound; max excess {float(excess.max()):.3e}"]
+    alt_err = {}
+    for label, alt in alternatives.items():
+        alt_err[label] = (alt.float() - ref32).abs()
+        over = ~(alt_err[label] <= allowed)
+        lines.append(f"{label}: {int(over.sum())} over the bound, max |err| {float(alt_err[label].max()):.3e}, "
+                     f"max |err| / allowed {float((alt_err[label] / allowed).max()):.3f}")
+    h_ulps = (_ordered_bits(h) - _ordered_bits(h_ref)).abs()                  # [M, I]
+    k = min(worst, int(bad.sum()))
+    for i in torch.topk(excess.flatten(), k).indices.tolist():
+        row, col = divmod(i, out.shape[1])
+        line = (f"  [{row}, {col}] out={float(out[row, col])!r} ref={float(ref[row, col])!r} "
+                f"|err|={float(err[row, col]):.4e} allowed={float(allowed[row, col]):.4e} "
+                f"mag={float(mag[row, col]):.4e}; h row {row}: {int((h_ulps[row] != 0).sum())} of {h.shape[1]} "
+                f"differ from the reference's, max {int(h_ulps[row].max())} ulps")
+        for label, e in alt_err.items():
+            line += f"; |err| {label.split(' (')[0]}: {float(e[row, col]):.4e}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _fp8_operands(M, H, inter, x_mode, w_mode, seed=0, device="cpu"):
@@ -138,6 +208,34 @@ def test_fp8_group_quantization_is_per_128_columns():
         assert torch.equal(h_fp8[live, lo:hi].float().amax(dim=1), torch.full((int(live.sum()),), FP8_MAX))
 
 
+def test_bf16_failure_report_on_cpu():
+    """The GPU test's diagnostics: h is the kernel's own intermediate (within one bf16 ulp of the reference's: the
+    interpreter truncates), the fp32-reduction matmul restores the flag, and a report on an output pushed over the
+    bound counts it and names its element and its row of h."""
+    x, up, down = _bf16_operands(17, 200, 384, torch.bfloat16)
+    out, h = _bf16_mlp_and_h(x, up, down)
+    assert torch.equal(out, squared_relu_mlp(x, up, down)) and h.shape == (17, 384) and h.dtype == torch.bfloat16
+    h_ref = torch.relu(x.float() @ up.float().T).square()
+    assert int((_ordered_bits(h) - _ordered_bits(h_ref.to(torch.bfloat16))).abs().max()) <= 1
+    saved = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    assert torch.equal(_matmul_fp32_reduction(h, down.T), torch.matmul(h, down.T))
+    assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction == saved
+
+    ref = squared_relu_mlp_ref(x, up, down)
+    mag = h_ref @ down.float().abs().T
+    allowed = 1e-2 * ref.float().abs() + 2.0 ** -7 * mag
+    assert _bound_report(out, ref, allowed, mag, h, h_ref.to(torch.bfloat16)).startswith("0 of 3400 outputs")
+    bad_out = out.clone()
+    bad_out[5, 7] += 1.0
+    h_bad = h.clone()
+    h_bad[5, 3] = torch.nextafter(h_bad[5, 3].float(), torch.tensor(float("inf"))).to(torch.bfloat16) * 1.01
+    report = _bound_report(bad_out, ref, allowed, mag, h_bad, h_ref.to(torch.bfloat16), {"again (same)": bad_out})
+    assert report.startswith("1 of 3400 outputs over the bound") and "[5, 7]" in report
+    assert "again (same): 1 over the bound" in report and "|err| again:" in report
+    assert f"h row 5: {int((_ordered_bits(h_bad[5]) != _ordered_bits(h_ref[5].to(torch.bfloat16))).sum())} of 384" \
+        in report
+
+
 def test_bad_inputs_raise():
     x, up, down = _bf16_operands(3, 64, 128, torch.bfloat16)
     with pytest.raises(ValueError, match="down_w"):
@@ -192,9 +290,16 @@ MODEL_MLPS = {"15b": (6144, 24576), "340b_tp8": (18432, 9216)}  # (H, I per rank
 def test_gpu_model_shapes(name, M):
     H, inter = MODEL_MLPS[name]
     x, up, down = _bf16_operands(M, H, inter, torch.bfloat16, device="cuda")
-    out, ref = squared_relu_mlp(x, up, down), squared_relu_mlp_ref(x, up, down)
-    mag = torch.relu(x.float() @ up.float().T).square() @ down.float().abs().T
-    assert ((out.float() - ref.float()).abs() <= 1e-2 * ref.float().abs() + 2.0 ** -7 * mag).all()
+    (out, h), ref = _bf16_mlp_and_h(x, up, down), squared_relu_mlp_ref(x, up, down)
+    h_ref = torch.relu(x.float() @ up.float().T).square()                     # [M, I] fp32
+    mag = h_ref @ down.float().abs().T
+    allowed = 1e-2 * ref.float().abs() + 2.0 ** -7 * mag
+    # On failure: which outputs, whether our h differs from the reference's there, and whether the same product
+    # with cuBLAS's bf16 split-K reduction off (or with the reference's h) would pass.
+    assert ((out.float() - ref.float()).abs() <= allowed).all(), _bound_report(
+        out, ref, allowed, mag, h, h_ref.to(x.dtype), {
+            "fp32 split-K (our h, allow_bf16_reduced_precision_reduction=False)": _matmul_fp32_reduction(h, down.T),
+            "reference h (default cuBLAS flags)": torch.matmul(h_ref.to(x.dtype), down.T)})
 
     xq, xs, upq, ups, downq, downs = _fp8_operands(M, H, inter, "token", "channel", device="cuda")
     h, hs = _up_squared_relu_fp8(xq, xs, upq, ups)
