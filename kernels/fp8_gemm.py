@@ -13,15 +13,21 @@ fp32 accumulator: on sm_90 Triton otherwise lets fp8 wgmma accumulate the whole 
 accumulator (max_num_imprecise_acc defaults to 2**30 there), and K reaches 24576 here. Promoting every 128 elements
 is what DeepGEMM does and what torch._scaled_mm's default (use_fast_accum=False) is comparable with.
 
-Tile table per M bucket (sm_90; BLOCK_K = 128 fp8 bytes = one 128-byte swizzled row everywhere):
+Tile table per M bucket (sm_90), chosen from an H200 sweep (benchmarks/gpu_sweep.py, run 2026-11-28, results in
+benchmarks/results/gpu-suite-h200-2026-11-28-run2.json):
 
-    M        BLOCK_M BLOCK_N GROUP_M warps stages  split-K
-    <= 16       16      64      1      4     6     fill  } decode: stream the weight; small M tiles waste little
-    <= 32       32      64      1      4     6     fill  } MMA work, BLOCK_N 64 doubles CTAs over 128
-    <= 64       64      64      1      4     5     fill  }
-    <= 128      64     128      8      4     4     -
-    > 128      128     128      8      8     4     -     prefill: 2 warpgroups of 64x128; BLOCK_N stays 128
-                                                         because per-tile promotion doubles accumulator registers
+    M        BLOCK_M BLOCK_N BLOCK_K GROUP_M warps stages  split-K
+    <= 16       16      64     256      1      4     6     fill  } decode: stream the weight; small M tiles waste
+    <= 32       32      64     128      1      4     6     fill  } little MMA work, BLOCK_N 64 doubles CTAs over 128
+    <= 64       64      64     128      1      4     5     fill  }
+    <= 256      64     128     128      8      4     4     -
+    > 256      128     128     128      8      8     4     -     prefill: 2 warpgroups of 64x128; BLOCK_N stays 128
+                                                                 because per-tile promotion doubles accumulators
+At M <= 16 a 256-deep K tile (two 128-byte rows per stage) took M = 1 GEMVs 1.1-1.45x faster than 128 on all six
+15B / 340B-TP8 projections (15B qkv 27.4 -> 23.2 us, down 79 -> 55 us). At M = 256 the 64-row tile with 4 warps beat
+128x128 with 8 warps by 5-18% on the four shapes swept. At M = 4096 no tile in the sweep beat 128x128 (all within
+0.94-0.97x of it), and torch._scaled_mm stays ~1.45x faster there: the per-tile promotion, not the tile, is the limit.
+A-group scales (the fused MLP's down projection) need BLOCK_K to divide 128: `pick_config` caps it there.
 split-K "fill" (M <= 64 only): when the M x N tile grid leaves more than half the SMs idle (340B TP8 qkv: N = 2688
 -> 42 tiles on 132 SMs), split K into the smallest power of two that reaches the SM count, at most 8 and keeping
 >= 4 K tiles per split; partial sums (already scaled, scaling is linear) go to an fp32 [SPLIT_K, M, N] workspace
@@ -45,6 +51,7 @@ K <= 640 terms tested (worst case K * 2^-24 = 4e-5, observed ~1e-7); 2e-4 on GPU
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -73,10 +80,10 @@ class GemmConfig:
 
 # (largest M of the bucket, config); None = everything larger.
 _M_BUCKETS: tuple[tuple[int | None, GemmConfig], ...] = (
-    (16, GemmConfig(16, 64, 128, 1, 4, 6)),
+    (16, GemmConfig(16, 64, 256, 1, 4, 6)),
     (32, GemmConfig(32, 64, 128, 1, 4, 6)),
     (64, GemmConfig(64, 64, 128, 1, 4, 5)),
-    (128, GemmConfig(64, 128, 128, 8, 4, 4)),
+    (256, GemmConfig(64, 128, 128, 8, 4, 4)),
     (None, GemmConfig(128, 128, 128, 8, 8, 4)),
 )
 _SPLIT_K_MAX_M = 64
@@ -91,9 +98,12 @@ def _num_sms(device: torch.device) -> int:
     return _DEFAULT_NUM_SMS
 
 
-def pick_config(M: int, N: int, K: int, device: torch.device) -> GemmConfig:
-    """The M-bucket table above, plus the split-K fill rule for small M."""
+def pick_config(M: int, N: int, K: int, device: torch.device, grouped_a: bool = False) -> GemmConfig:
+    """The M-bucket table above, plus the split-K fill rule for small M. grouped_a: A carries per-128-column group
+    scales, applied per K tile, so BLOCK_K must divide the group."""
     cfg = next(c for bound, c in _M_BUCKETS if bound is None or M <= bound)
+    if grouped_a and GROUP_K % cfg.block_k:
+        cfg = dataclasses.replace(cfg, block_k=GROUP_K)
     if M > _SPLIT_K_MAX_M:
         return cfg
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
@@ -262,7 +272,7 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)              # [M, N]
     if M == 0 or N == 0:
         return out
-    cfg = cfg or pick_config(M, N, K, a.device)
+    cfg = cfg or pick_config(M, N, K, a.device, grouped_a=a_mode == A_GROUP)
     if a_mode == A_GROUP and GROUP_K % cfg.block_k:
         raise ValueError(f"fp8_gemm: BLOCK_K {cfg.block_k} must divide the scale group {GROUP_K}")
     k_tiles = triton.cdiv(K, cfg.block_k)

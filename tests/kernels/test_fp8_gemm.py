@@ -9,6 +9,8 @@ the fp32 promotion, so the GPU tests allow atol = 2e-4.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,6 +110,10 @@ FORCED = [(cfg, 200, 136, 256) for _, cfg in _M_BUCKETS] + [
 def test_forced_configs_and_split_k(cfg, M, N, K, a_mode):
     a, b = _operands(M, N, K, seed=4)
     sa, sb = _a_scale(a_mode, M, K), _b_scale("channel", N)
+    if a_mode == "group" and cfg.block_k > GROUP_K:
+        with pytest.raises(ValueError, match="must divide the scale group"):
+            _fp8_gemm_launch(a, b, sa, sb, torch.bfloat16, cfg)
+        cfg = dataclasses.replace(cfg, block_k=GROUP_K)   # what pick_config does for group scales
     out = _fp8_gemm_launch(a, b, sa, sb, torch.bfloat16, cfg)
     _assert_close(out, fp8_gemm_ref(a, b, sa, sb, torch.bfloat16), _magnitude(a, b, sa, sb), torch.bfloat16)
 
@@ -134,9 +140,13 @@ def test_matches_torch_scaled_mm(M, N, K, scheme):
 def test_pick_config_table():
     """M buckets, and split-K only where the grid would leave over half of 132 SMs idle (340B TP8 qkv)."""
     cpu = torch.device("cpu")
-    assert pick_config(1, 8192, 6144, cpu) == GemmConfig(16, 64, 128, 1, 4, 6, 1)
+    assert pick_config(1, 8192, 6144, cpu) == GemmConfig(16, 64, 256, 1, 4, 6, 1)
+    # Group-scaled A (the MLP's down projection) keeps BLOCK_K within the 128-wide group.
+    assert pick_config(1, 6144, 24576, cpu, grouped_a=True) == GemmConfig(16, 64, 128, 1, 4, 6, 1)
     assert pick_config(17, 6144, 24576, cpu).block_m == 32
     assert pick_config(100, 6144, 6144, cpu) == GemmConfig(64, 128, 128, 8, 4, 4, 1)
+    assert pick_config(256, 6144, 6144, cpu) == GemmConfig(64, 128, 128, 8, 4, 4, 1)
+    assert pick_config(257, 6144, 6144, cpu) == GemmConfig(128, 128, 128, 8, 8, 4, 1)
     assert pick_config(8192, 24576, 6144, cpu) == GemmConfig(128, 128, 128, 8, 8, 4, 1)
     assert pick_config(1, 2688, 18432, cpu).split_k == 4        # 42 tiles -> 168 CTAs
     assert pick_config(64, 2688, 18432, cpu).split_k == 4
@@ -181,8 +191,10 @@ def test_compiles_for_sm90_without_spills():
     types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
              "b_scale_ptr": "*fp32"}
     jobs = []
-    for bound, cfg in _M_BUCKETS:
+    for bound, bucket_cfg in _M_BUCKETS:
         for a_mode, even_k in [(1, True), (2, True), (0, False)]:
+            # Group-scaled A caps BLOCK_K at the 128-wide group, as pick_config does.
+            cfg = dataclasses.replace(bucket_cfg, block_k=min(bucket_cfg.block_k, GROUP_K)) if a_mode == 2 else bucket_cfg
             jobs.append({
                 "module": "kernels.fp8_gemm", "kernel": "_fp8_gemm_kernel", "types": types,
                 "constexprs": {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "A_MODE": a_mode, "B_PER_CHANNEL": True,
