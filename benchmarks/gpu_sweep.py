@@ -257,14 +257,9 @@ def _warm(task: tuple[int, list[int]]) -> int:
 
 
 def _time(fn, cuda: bool) -> float:
-    """Median ms (do_bench clears L2 between calls on CUDA)."""
-    if cuda:
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
-    import time
-    start = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - start)
+    """Median ms of GPU time per call (benchmarks/kernels.py: CUDA graphs behind L2 flushes; CPU: one call)."""
+    from benchmarks.kernels import _time as time_call
+    return 1e3 * time_call(fn, 40 if cuda else 1, cuda)
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
