@@ -108,7 +108,8 @@ def _paged_decode_attention_kernel(
         stride_ob, stride_oh, stride_od,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+        FP16_DOTS: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -129,6 +130,11 @@ def _paged_decode_attention_kernel(
     seq64 = seq.to(tl.int64)
     q_ptrs = q_ptr + seq64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if FP16_DOTS:
+        # FP8 cache, bf16 q: the dots run in fp16. E4M3 -> fp16 is one conversion per two values on sm_90, where
+        # E4M3 -> bf16 goes through fp32; every E4M3 value and every bf16 q in [6e-5, 65504] is exact in fp16 (more
+        # mantissa than bf16), and q beyond that range saturates instead of becoming inf.
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the log2-scaled scores
     l_i = tl.zeros([BLOCK_G], tl.float32)                 # running sum of exp2(score - m_i)
@@ -320,8 +326,8 @@ def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, sca
         GROUP=group, HEAD_DIM=head_dim, CACHE_BLOCK=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16, SINGLE_SPLIT=single,
-        num_warps=num_warps, num_stages=num_stages)
+        DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16 and not fp8_cache, SINGLE_SPLIT=single,
+        FP16_DOTS=fp8_cache and q.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages)
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_max, part_sum, out, num_splits, *out.stride(),

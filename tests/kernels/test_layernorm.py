@@ -83,6 +83,7 @@ def _inputs(num_tokens, hidden, dtype, seed=0):
 def _force_chunks(monkeypatch):
     monkeypatch.setattr(layernorm, "_MAX_ROW_BLOCK", 128)
     monkeypatch.setattr(layernorm, "_CHUNK", 256)
+    monkeypatch.setattr(layernorm, "_FEW_ROWS", 0)   # the many-rows chunking; the few-rows one is tested below
 
 
 def _ordinal(t: torch.Tensor) -> torch.Tensor:
@@ -148,6 +149,21 @@ def test_fp8_kernel_matches_reference(monkeypatch, case):
     _assert_fp8_close(x, y, scale, y_ref, scale_ref)
     # The quantization really uses the range: each row's largest code is (close to) ±448.
     assert (y_ref.float().abs().amax(dim=-1) >= 416).all()
+
+
+@pytest.mark.parametrize("num_tokens,hidden,dtype", [(1, 1000, BF16), (17, 6144, FP16), (3, 1000, FP32)])
+def test_few_rows_walk_wider_chunks(monkeypatch, num_tokens, hidden, dtype):
+    """Few rows (decode) over a long H: the chunked kernels with _MAX_ROW_BLOCK-wide chunks and 16 warps (here 256,
+    so several chunks and a partial last one), many rows keep _CHUNK; both match the references."""
+    monkeypatch.setattr(layernorm, "_MAX_ROW_BLOCK", 256)
+    monkeypatch.setattr(layernorm, "_CHUNK", 128)
+    assert layernorm._launch_config(hidden, num_tokens) == (256, False, 16)
+    assert layernorm._launch_config(hidden, layernorm._FEW_ROWS + 1) == (128, False, 8)
+    x, weight, bias = _inputs(num_tokens, hidden, dtype, seed=7)
+    torch.testing.assert_close(layernorm1p(x, weight, bias, EPS), layernorm1p_ref(x, weight, bias, EPS),
+                               **TOLERANCE[dtype])
+    y, scale = layernorm1p_fp8(x, weight, bias, EPS)
+    _assert_fp8_close(x, y, scale, *layernorm1p_fp8_ref(x, weight, bias, EPS))
 
 
 def test_strided_rows():
