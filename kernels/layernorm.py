@@ -18,7 +18,8 @@ Kernels: one program per row. When the row fits one power-of-two block of at mos
 which covers Nemotron-4 15B (H = 6144), the row is loaded once and kept in registers for the mean, the variance
 (two-pass, from the registers), the normalization and, in the FP8 kernel, the amax and the quantization: one
 HBM read and one write. A longer row (340B: H = 18432 = 9 x 2048) would need 32768-wide blocks and spill, so it is
-walked in _CHUNK (2048) element chunks: pass 1 computes mean and variance in one sweep by combining per-chunk
+walked in chunks (_CHUNK = 2048 elements; _MAX_ROW_BLOCK = 8192 with 16 warps when there are at most _FEW_ROWS
+rows, where a pass is latency-bound): pass 1 computes mean and variance in one sweep by combining per-chunk
 (mean, M2) pairs (Chan et al.; stable, unlike E[x^2] - E[x]^2), pass 2 normalizes and stores. The FP8 kernel needs
 the amax of the normalized row before it can quantize anything, and that depends on weight/bias per column, so the
 chunked FP8 kernel makes three passes: stats, amax of y, then recompute y, quantize and store. Passes 2 and 3

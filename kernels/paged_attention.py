@@ -264,7 +264,8 @@ def _split_head_dim(head_dim: int) -> tuple[int, int]:
 def _launch_config(head_dim: int, group: int, elem_bytes: int, fp8_cache: bool = False) -> dict:
     """BLOCK_R score rows (TILE_M tokens x G heads), BLOCK_N keys per tile, warps and pipeline stages for sm_90.
 
-    Checked by compiling for sm_90 with the Triton wheel's ptxas (no GPU here; timings still to be measured):
+    Checked by compiling for sm_90 with the Triton wheel's ptxas, and timed on an H200 (2026-11-28: the sweep in
+    benchmarks/gpu_sweep.py; these tiles reach about half of SDPA's flash speed, benchmarks/README.md):
     bf16 q, 128 x 64 tiles, 8 warps, 3 stages use 126-153 (D=64) / 178-227 (D=128, bf16 or FP8 cache) registers a
     thread without spills and 33-99 KiB of shared memory. D=192 takes 32-key tiles: 64 keys hit 255 registers and
     spilled with an FP8 cache; 32 keys use 232-239 and 70-99 KiB. The K/V loads are gathers through the block table
