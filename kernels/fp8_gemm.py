@@ -23,10 +23,12 @@ benchmarks/results/gpu-suite-h200-2026-11-28-run2.json):
     <= 256      64     128     128      8      4     4     -
     > 256      128     128     128      8      8     4     -     prefill: 2 warpgroups of 64x128; BLOCK_N stays 128
                                                                  because per-tile promotion doubles accumulators
-At M <= 16 a 256-deep K tile (two 128-byte rows per stage) took M = 1 GEMVs 1.1-1.45x faster than 128 on all six
-15B / 340B-TP8 projections (15B qkv 27.4 -> 23.2 us, down 79 -> 55 us). At M = 256 the 64-row tile with 4 warps beat
-128x128 with 8 warps by 5-18% on the four shapes swept. At M = 4096 no tile in the sweep beat 128x128 (all within
-0.94-0.97x of it), and torch._scaled_mm stays ~1.45x faster there: the per-tile promotion, not the tile, is the limit.
+At M <= 16 a 256-deep K tile (two 128-byte rows per stage), other settings equal, took the M = 1 GEMVs from 26.6 to
+23.2 us (15B qkv), 67.0 to 54.7 us (15B down) and 44.0 to 37.0 us (340B-TP8 qkv), left 15B up even and 340B-TP8 down
+10% slower (do_bench in one sweep run; its small-kernel timings swing with Triton's launch overhead). Timed since as
+GPU time in CUDA graphs, these M = 1 GEMVs run at 0.98-1.77x torch._scaled_mm. At M = 256 the 64-row tile with 4 warps
+beat 128x128 with 8 warps by 5-18% on the four shapes swept. At M = 4096 no tile in the sweep beat 128x128 (all
+within 0.94-0.97x of it) and torch._scaled_mm stays ~1.5x faster: the per-tile promotion, not the tile, is the limit.
 A-group scales (the fused MLP's down projection) need BLOCK_K to divide 128: `pick_config` caps it there.
 split-K "fill" (M <= 64 only): when the M x N tile grid leaves more than half the SMs idle (340B TP8 qkv: N = 2688
 -> 42 tiles on 132 SMs), split K into the smallest power of two that reaches the SM count, at most 8 and keeping

@@ -53,8 +53,8 @@ _BF16_BUCKETS: tuple[tuple[int | None, GemmConfig], ...] = (
     (128, GemmConfig(64, 128, 64, 8, 4, 4)),
     (None, GemmConfig(128, 256, 64, 8, 8, 3)),
 )
-# FP8 M <= 16: a 256-deep K tile, 4 stages (H200 sweep 2026-11-28: the 15B up projection at M = 1 took 63 us
-# against 107 us with the 128-deep tile; 340B-TP8 at M = 16 67 us against 98 us and more).
+# FP8 M <= 16: a 256-deep K tile, 4 stages (H200 sweep 2026-11-28, do_bench in one run: the 15B up projection at
+# M = 1 took 63 us against 107 us with the best 128-deep tile; 340B-TP8 at M = 16 67 us against 98 us and more).
 _FP8_BUCKETS: tuple[tuple[int | None, GemmConfig], ...] = (
     (16, GemmConfig(16, GROUP_K, 256, 1, 4, 4)),
     (32, GemmConfig(32, GROUP_K, 128, 1, 4, 5)),
