@@ -5,6 +5,7 @@ side on the model shapes, so that its table in kernels/ is chosen from measureme
   4096) on the 15B and 340B-TP8 projections, beside torch._scaled_mm; the same with per-group A scales (the fused
   MLP's down projection) at decode sizes;
 - the fused MLP's up projection (relu^2 + FP8 group quantization epilogue): K tile, warps, stages;
+- the experimental CUDA-core FP8 GEMV (benchmarks/fp8_gemv.py) at M = 1, beside the production fp8_gemm;
 - decode attention: keys per tile, warps, stages, BF16 and FP8 caches, beside SDPA on dense K/V;
 - prefill attention: score rows, keys per tile, warps, stages, beside SDPA (flash).
 
@@ -115,6 +116,32 @@ def _gemm_grouped_case(name: str, m: int) -> SweepCase:
                      compile_group=f"fp8_gemm_grouped_a M={m}" if m == 1 else "fp8_gemm_grouped_a bucket=16")
 
 
+def _gemv_case(name: str) -> SweepCase:
+    """The experimental CUDA-core GEMV (benchmarks/fp8_gemv.py) at M = 1; its baseline is the production fp8_gemm."""
+    from benchmarks.fp8_gemv import GemvConfig, fp8_gemv
+    from kernels.fp8_gemm import fp8_gemm
+    n, k = (256, 512) if SMOKE else _GEMM_SHAPES[name]
+
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(n + k)
+        a = torch.randn((1, k), device=device, generator=g).to(FP8)
+        b = (torch.randn((n, k), device=device, generator=g) * 0.5).to(FP8)
+        return a, b, torch.rand(1, device=device) * 0.01 + 1e-3, torch.rand(n, device=device) * 0.01 + 1e-3
+
+    def run(x, cfg):
+        return fp8_gemv(*x, torch.bfloat16, cfg)
+
+    def baseline(x):
+        return fp8_gemm(*x, torch.bfloat16)
+
+    tiles = [(8, 256, 4), (8, 512, 4), (8, 512, 8), (8, 1024, 8), (16, 128, 4), (16, 256, 4), (16, 256, 8),
+             (16, 512, 8), (32, 128, 4), (32, 128, 8), (32, 256, 8), (64, 128, 8)]
+    configs = ([GemvConfig(16, 128, 4, 1), GemvConfig(8, 128, 4, 1, 2)] if SMOKE else
+               [GemvConfig(bn, bk, w, 1, split) for bn, bk, w in tiles for split in (1, 2, 4)])
+    return SweepCase("fp8_gemv_experimental", f"{name} M=1 N={n} K={k}", make, run, configs, baseline,
+                     compile_group="fp8_gemv_experimental")
+
+
 def _mlp_up_case(model: str, m: int) -> SweepCase:
     """The fused MLP's up projection (relu^2 and the per-group FP8 quantization in its epilogue)."""
     from kernels.fp8_gemm import GROUP_K, GemmConfig
@@ -213,11 +240,12 @@ def _prefill_case(model: str, seqs: int, seq_len: int) -> SweepCase:
 
 def sweep_cases() -> list[SweepCase]:
     if SMOKE:
-        return [_gemm_case("tiny", 1), _gemm_grouped_case("tiny", 1), _mlp_up_case("tiny", 1),
+        return [_gemm_case("tiny", 1), _gemm_grouped_case("tiny", 1), _gemv_case("tiny"), _mlp_up_case("tiny", 1),
                 _decode_case("tiny", 2, 64, FP8), _prefill_case("tiny", 1, 64)]
     cases = [_gemm_case(name, m) for m in (1, 16) for name in _GEMM_SHAPES]
     cases += [_gemm_case(name, 64) for name in ("15b qkv", "15b up", "340b-tp8 down")]
     cases += [_gemm_case(name, m) for m in (256, 4096) for name in ("15b qkv", "15b up", "15b down", "340b-tp8 down")]
+    cases += [_gemv_case(name) for name in _GEMM_SHAPES]
     cases += [_gemm_grouped_case(name, m) for m in (1, 16) for name in ("15b down", "340b-tp8 down")]
     cases += [_mlp_up_case(model, m) for m in (1, 16, 64) for model in ("15b", "340b-tp8")]
     cases += [_decode_case("15b", b, 4096, dt) for b in (1, 64) for dt in (torch.bfloat16, FP8)]

@@ -43,7 +43,8 @@ def test_gpu_suite_sweep_smoke(tmp_path):
     sweep = json.loads((tmp_path / "gpu_suite.json").read_text())["sweep"]
     assert "error" not in sweep, sweep
     kernels = {case["kernel"] for case in sweep["cases"]}
-    assert kernels == {"fp8_gemm", "fp8_gemm_grouped_a", "mlp_up_fp8", "decode_attention", "prefill_attention"}
+    assert kernels == {"fp8_gemm", "fp8_gemm_grouped_a", "fp8_gemv_experimental", "mlp_up_fp8", "decode_attention",
+                       "prefill_attention"}
     for case in sweep["cases"]:
         assert case["default_ms"] > 0 and case["configs"]
         assert all(c["correct"] and c["ms"] > 0 for c in case["configs"]), case
