@@ -10,7 +10,8 @@ def add_commands(sub) -> None:
     kernels.add_argument("--reduced", action="store_true",
                          help="tiny shapes (the CPU/interpreter mode; the default without CUDA)")
     kernels.add_argument("--only", default=None, help="comma-separated kernel names to run")
-    kernels.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (on CUDA: milliseconds of repetition, do_bench's rep)")
+    kernels.add_argument("--iters", type=int, default=None,
+                         help="timed calls per measurement (CUDA: half as many per CUDA graph)")
     kernels.add_argument("--json", default=None, help="write the rows here too")
     kernels.set_defaults(func=_run_kernels)
 

@@ -127,7 +127,8 @@ def _roofline_for(plan_model: str, tp: int, kv_cache_dtype: str, max_model_len: 
     roof = for_device(gpu_name)
     gpu_key = next(k for k, v in GPUS.items() if v is roof)
     plan = make_plan(plan_model, tp=tp, gpu=gpu_key, kv_cache_dtype="fp8" if kv_cache_dtype == "fp8" else "auto",
-                     max_model_len=max_model_len, context=context or max_model_len // 2, prompt_len=min(2048, max_model_len))
+                     max_model_len=max_model_len, context=context or max_model_len // 2,
+                     prompt_len=min(2048, max_model_len))
     return plan, roof
 
 
@@ -173,7 +174,8 @@ def model_run(preset: str, batches: list[int], backend: str, dtype: str, prompt_
         # FLOPs of the prompt (linear layers, causal attention, one lm_head row) over the FP8 dense peak.
         arch = plan["architecture"]
         linear = arch["layer_params_total"]
-        attn = 4 * arch["num_attention_heads"] * arch["head_dim"] * arch["num_hidden_layers"] * ttft_len * (ttft_len + 1) / 2
+        per_pair = 4 * arch["num_attention_heads"] * arch["head_dim"] * arch["num_hidden_layers"]  # QK^T and PV
+        attn = per_pair * ttft_len * (ttft_len + 1) / 2                                           # causal
         flops = 2 * linear * ttft_len + attn + 2 * arch["vocab_size"] * arch["hidden_size"]
         result["ttft"]["flops"] = flops
         result["ttft"]["fraction_of_fp8_peak"] = round(flops / result["ttft"]["seconds"] / roof.fp8_flops, 3)
@@ -229,7 +231,8 @@ def rank_slice_run(layer_counts: tuple[int, int], batches: list[int], backend: s
             p = plan_decode[a["batch"]]
             # n4 plan's all-reduces at this batch (NVLink ceiling + assumed latency), which one GPU cannot time.
             step = fixed + 96 * per_layer + 1e3 * p["collective_s"]
-            row.update({"collective_ms_from_plan": round(1e3 * p["collective_s"], 3), "projected_ms_per_step": round(step, 3),
+            row.update({"collective_ms_from_plan": round(1e3 * p["collective_s"], 3),
+                        "projected_ms_per_step": round(step, 3),
                         "projected_tokens_per_s": round(a["batch"] / step * 1e3, 1),
                         "plan_roofline_ms_per_step": round(1e3 * p["step_s"], 3), "plan_context": p["context"],
                         "fraction_of_plan_roofline": round(1e3 * p["step_s"] / step, 3)})

@@ -14,8 +14,8 @@ def _f(value, digits: int = 3) -> str:
 
 
 def model_table(model: dict) -> list[str]:
-    lines = ["| batch | ms / step | output tok/s | HBM roofline ms | of roofline | decode graph alone ms | lm_head ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| batch | ms / step | output tok/s | HBM roofline ms | of roofline | decode graph alone ms "
+             "| lm_head ms |", "|---|---|---|---|---|---|---|"]
     graph, head = model.get("graph_replay_ms", {}), model.get("lm_head_ms", {})
     for row in model.get("decode", []):
         roof = row.get("roofline", {})

@@ -53,8 +53,8 @@ def _time(fn: Callable, iters: int, cuda: bool) -> float:
     what is left is GPU time, without Python or launch overhead. That is how the engine runs decode steps, and it
     matters: with Triton 3.6 a launch costs tens of microseconds of CPU, and in the first H200 runs (do_bench)
     the same 15B qkv GEMV at M = 64 measured 27 us in one run and 73 us in the next, while torch._scaled_mm held
-    within 3%. A function that cannot be captured (a host sync) falls back to Triton's do_bench; `iters` is the
-    number of calls per graph (CUDA) or of timed calls (CPU).
+    within 3%. A function that cannot be captured (a host sync) falls back to Triton's do_bench. CUDA: iters / 2
+    calls per graph (fewer for a call over ~0.5 ms); CPU: `iters` timed calls.
     """
     if cuda:
         try:
