@@ -312,10 +312,16 @@ def test_gpu_model_shapes(name, M):
     out = squared_relu_mlp_fp8(xq, xs, upq, ups, downq, downs, torch.bfloat16)
     ref = squared_relu_mlp_fp8_ref(xq, xs, upq, ups, downq, downs, torch.bfloat16)
     h_deq = h_ref.float() * hs_ref.repeat_interleave(128, dim=1)[:, :inter]
-    mag = h_deq.abs() @ (downq.float() * downs[:, None]).abs().T
-    allowed = 1e-2 * ref.float().abs() + (2e-4 + 2.0 ** -4 * (flipped + 1e-4)) * mag
-    # 340B-TP8 at M = 64 and 512 (wgmma tiles) failed this bound on the H200 (2026-11-28) with no detail: the
-    # report says how many outputs, by how much, and whether the rows' E4M3 intermediates flipped there.
+    w_abs = (downq.float() * downs[:, None]).abs()                           # [H, I]
+    mag = h_deq.abs() @ w_abs.T
+    # The kernel's intermediate differs from the reference's where an E4M3 rounding flipped (fp8 wgmma sums 128-wide
+    # slices with ~1e-4 relative noise) and by its group scales; what that can move each output by is exactly
+    # sum_k |h_ours - h_ref| |w| (triangle inequality), so it enters the bound as computed, not as an average flip
+    # rate: an average (2^-4 x the flipped fraction x mag) failed on some 340B-TP8 outputs at M = 64 and 512 on the
+    # H200 (2026-11-28), where flips cluster in rows. What is left is the down GEMM's own accumulation (2e-4).
+    h_ours = h.float() * hs.repeat_interleave(128, dim=1)[:, :inter]
+    moved = (h_ours - h_deq).abs() @ w_abs.T
+    allowed = 1e-2 * ref.float().abs() + 2e-4 * mag + 1.01 * moved
     assert ((out.float() - ref.float()).abs() <= allowed).all(), _bound_report(
         out, ref, allowed, mag, h, h_ref, {"down GEMM on the reference's h": fp8_gemm(h_ref, downq, hs_ref, downs,
                                                                                         torch.bfloat16)})
