@@ -231,9 +231,12 @@ def _prefill_case(model: str, seqs: int, seq_len: int) -> SweepCase:
         return torch.nn.functional.scaled_dot_product_attention(qd, kd, kd, is_causal=True, enable_gqa=True)
 
     rows = (64, 128) if group <= 64 else (128,)
-    configs = ([dict(BLOCK_R=32, BLOCK_N=16, num_warps=4, num_stages=2)] if SMOKE else
-               [dict(BLOCK_R=r, BLOCK_N=n, num_warps=w, num_stages=s) for r in rows for n in (32, 64, 128)
-                for w in (4, 8) for s in (2, 3, 4) if not (d > 128 and n == 128) and r >= group])
+    # Every tile twice: in launch order and with the longest (last) query tiles first (REVERSE).
+    configs = ([dict(BLOCK_R=32, BLOCK_N=16, num_warps=4, num_stages=2, REVERSE=rev) for rev in (False, True)]
+               if SMOKE else
+               [dict(BLOCK_R=r, BLOCK_N=n, num_warps=w, num_stages=s, REVERSE=rev) for r in rows for n in (32, 64, 128)
+                for w in (4, 8) for s in (2, 3, 4) for rev in (False, True)
+                if not (d > 128 and n == 128) and r >= group])
     shape = f"{model} {seqs}x{seq_len} bf16"
     return SweepCase("prefill_attention", shape, make, run, configs, baseline, compile_group=shape)
 

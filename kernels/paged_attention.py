@@ -175,8 +175,10 @@ def _paged_prefill_attention_kernel(
         stride_btb, stride_btn,
         GROUP: tl.constexpr, TILE_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-        HAS_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    tile_id = tl.program_id(0)
+        HAS_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, REVERSE: tl.constexpr):
+    # REVERSE: the last query tiles of a sequence (the most keys, under the causal mask) start first, so the short
+    # ones fill the end of the launch instead of the long ones trailing it. Timed by the GPU sweep; off by default.
+    tile_id = tl.num_programs(0) - 1 - tl.program_id(0) if REVERSE else tl.program_id(0)
     kv_head = tl.program_id(1)
 
     # Sequence of this program: the last b with query_start_loc[b] // TILE_M + b <= tile_id (see the map above).
@@ -336,8 +338,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, k_scale, v_scale,
                     cfg: dict | None) -> torch.Tensor:
-    """The launch; cfg overrides `_launch_config` (BLOCK_R, BLOCK_N, num_warps, num_stages) for the GPU sweep in
-    benchmarks/gpu_sweep.py."""
+    """The launch; cfg overrides `_launch_config` (BLOCK_R, BLOCK_N, num_warps, num_stages, optionally REVERSE)
+    for the GPU sweep in benchmarks/gpu_sweep.py."""
     _check_prefill_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -359,6 +361,6 @@ def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
         GROUP=group, TILE_M=tile_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DA=block_da, BLOCK_DB=max(block_db, 16),
         HAS_TAIL=block_db > 0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.dtype == torch.bfloat16 and interpreting(),
+        UPCAST=q.dtype == torch.bfloat16 and interpreting(), REVERSE=bool(cfg.get("REVERSE", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

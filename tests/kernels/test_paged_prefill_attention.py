@@ -121,11 +121,13 @@ def test_one_token_and_decode_batches(seqs):
     _check(*_make_inputs(seqs, 6, 1, 64, 16, torch.float32, seed=2))
 
 
-def test_small_tiles_many_query_and_key_tiles(monkeypatch):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_small_tiles_many_query_and_key_tiles(monkeypatch, reverse):
     """16-row programs (G=6: 2 tokens each) and 16-key tiles (half a 32-slot block): dozens of query tiles per
-    sequence, the tile -> sequence search over many entries, and key tiles that split cache blocks."""
+    sequence, the tile -> sequence search over many entries, and key tiles that split cache blocks; in launch
+    order and reversed (the sweep's REVERSE: every program still finds its own tile)."""
     monkeypatch.setattr(pa, "_launch_config", lambda head_dim, group, elem_bytes, fp8_cache=False: dict(
-        BLOCK_R=16, BLOCK_N=16, num_warps=4, num_stages=1))
+        BLOCK_R=16, BLOCK_N=16, num_warps=4, num_stages=1, REVERSE=reverse))
     _check(*_make_inputs([(0, 1), (5, 30), (0, 19), (33, 1), (2, 9)], 6, 1, 64, 32, torch.float16, seed=3))
 
 
