@@ -56,6 +56,15 @@ _GEMM_SHAPES = {  # name: (N, K)
 }
 
 
+def _fp8_operands(device, m: int, n: int, k: int, a_scale_shape: tuple) -> tuple:
+    """a [m, k] and b [n, k] E4M3 (seeded by the shape), a's scales in `a_scale_shape`, b's per channel [n]."""
+    g = torch.Generator(device=device).manual_seed(m * 7 + n + k)
+    a = torch.randn((m, k), device=device, generator=g).to(FP8)
+    b = (torch.randn((n, k), device=device, generator=g) * 0.5).to(FP8)
+    return (a, b, torch.rand(a_scale_shape, device=device) * 0.01 + 1e-3,
+            torch.rand(n, device=device) * 0.01 + 1e-3)
+
+
 def _gemm_configs(m: int) -> list:
     from kernels.fp8_gemm import GemmConfig
     if SMOKE:
@@ -75,10 +84,7 @@ def _gemm_case(name: str, m: int) -> SweepCase:
     n, k = (256, 512) if SMOKE else _GEMM_SHAPES[name]
 
     def make(device):
-        g = torch.Generator(device=device).manual_seed(m * 7 + n)
-        a = torch.randn((m, k), device=device, generator=g).to(FP8)
-        b = (torch.randn((n, k), device=device, generator=g) * 0.5).to(FP8)
-        return a, b, torch.rand(m, device=device) * 0.01 + 1e-3, torch.rand(n, device=device) * 0.01 + 1e-3
+        return _fp8_operands(device, m, n, k, a_scale_shape=(m,))
 
     def run(x, cfg):
         return _fp8_gemm_launch(*x, torch.bfloat16, cfg)
@@ -100,11 +106,7 @@ def _gemm_grouped_case(name: str, m: int) -> SweepCase:
     n, k = (256, 512) if SMOKE else _GEMM_SHAPES[name]
 
     def make(device):
-        g = torch.Generator(device=device).manual_seed(m * 11 + n)
-        a = torch.randn((m, k), device=device, generator=g).to(FP8)
-        b = (torch.randn((n, k), device=device, generator=g) * 0.5).to(FP8)
-        sa = torch.rand((m, -(-k // 128)), device=device) * 0.01 + 1e-3
-        return a, b, sa, torch.rand(n, device=device) * 0.01 + 1e-3
+        return _fp8_operands(device, m, n, k, a_scale_shape=(m, -(-k // 128)))
 
     def run(x, cfg):
         return _fp8_gemm_launch(*x, torch.bfloat16, cfg)
@@ -123,10 +125,7 @@ def _gemv_case(name: str) -> SweepCase:
     n, k = (256, 512) if SMOKE else _GEMM_SHAPES[name]
 
     def make(device):
-        g = torch.Generator(device=device).manual_seed(n + k)
-        a = torch.randn((1, k), device=device, generator=g).to(FP8)
-        b = (torch.randn((n, k), device=device, generator=g) * 0.5).to(FP8)
-        return a, b, torch.rand(1, device=device) * 0.01 + 1e-3, torch.rand(n, device=device) * 0.01 + 1e-3
+        return _fp8_operands(device, 1, n, k, a_scale_shape=(1,))
 
     def run(x, cfg):
         return fp8_gemv(*x, torch.bfloat16, cfg)
@@ -149,10 +148,8 @@ def _mlp_up_case(model: str, m: int) -> SweepCase:
     h, inter = {"15b": (6144, 24576), "340b-tp8": (18432, 9216), "tiny": (256, 512)}[model]
 
     def make(device):
-        g = torch.Generator(device=device).manual_seed(m * 13 + h)
-        x = torch.randn((m, h), device=device, generator=g).to(FP8)
-        w = (torch.randn((inter, h), device=device, generator=g) * 0.5).to(FP8)
-        return x, torch.rand(m, device=device) * 0.01 + 1e-3, w, torch.rand(inter, device=device) * 0.01 + 1e-3
+        x, w, x_scale, w_scale = _fp8_operands(device, m, inter, h, a_scale_shape=(m,))
+        return x, x_scale, w, w_scale
 
     def run(x, cfg):
         h_fp8, h_scale = _up_squared_relu_fp8(*x, cfg=cfg)
