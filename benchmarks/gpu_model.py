@@ -3,8 +3,8 @@
 - `model_run`: one engine with random weights (`load_format="dummy"`): decode tokens/s at several batch sizes
   (prefill first, then only decode steps are timed), prefill tokens/s of those batches, and the time to first
   token of one long prompt.
-- `rank_slice_run`: one 340B tensor-parallel rank's shapes (12 query heads, 1 KV head, head_dim 192, a ninth of
-  the MLP, an eighth of the vocabulary) at two layer counts on one GPU; the difference gives the time of one
+- `rank_slice_run`: one 340B tensor-parallel rank's shapes (12 query heads, 1 KV head, head_dim 192, an eighth of
+  the MLP and of the vocabulary) at two layer counts on one GPU; the difference gives the time of one
   layer, which `n4 plan`'s model projects to 96 layers and adds the all-reduces that one GPU cannot run.
 
 `emit(partial)` is called after every figure so that a step stopped at its time limit still reports what it had.
