@@ -78,6 +78,10 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     split_k: int = 1
+    # How the fp32 accumulator takes each BLOCK_K slice's product: 0, a fresh dot added in fp32 (the table's choice);
+    # 1, tl.dot's max_num_imprecise_acc = BLOCK_K (the compiler promotes); 2, no promotion (fast accumulation, as
+    # torch._scaled_mm(use_fast_accum=True)). 1 and 2 are for the GPU sweep to time against 0; group scales need 0.
+    promote: int = 0
 
 
 # (largest M of the bucket, config); None = everything larger.
@@ -115,7 +119,7 @@ def pick_config(M: int, N: int, K: int, device: torch.device, grouped_a: bool = 
         return cfg
     while tiles * split < sms and split < _SPLIT_K_MAX and k_tiles // (split * 2) >= _MIN_K_TILES_PER_SPLIT:
         split *= 2
-    return GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages, split)
+    return dataclasses.replace(cfg, split_k=split)
 
 
 # ----------------------------------------------------------------------------------------------- Triton
@@ -137,7 +141,7 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 def _fp8_dot_k_range(a_ptr, b_ptr, a_scale_ptr, rm, rn, k_lo, k_hi,
                      stride_am, stride_ak, stride_bn, stride_bk, stride_asm, stride_asg,
                      A_GROUPED: tl.constexpr, EVEN_K: tl.constexpr, GROUP_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE: tl.constexpr):
     """sum over k in [k_lo, k_hi) of a[rm, k] * b[rn, k] as an fp32 [BLOCK_M, BLOCK_N] tile; rm, rn are in-bounds
     (callers wrap them modulo M, N), k_lo is a multiple of BLOCK_K. With A_GROUPED each BLOCK_K slice is multiplied
     by its rows' group scale a_scale[rm, k // GROUP_K] before it is added."""
@@ -153,11 +157,16 @@ def _fp8_dot_k_range(a_ptr, b_ptr, a_scale_ptr, rm, rn, k_lo, k_hi,
             in_k = k0 + rk < k_hi
             a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=in_k[:, None], other=0.0)
-        # A fresh zero accumulator per tile, added in fp32: promotion every BLOCK_K (see module docstring).
-        part = tl.dot(a, b, out_dtype=tl.float32)
-        if A_GROUPED:
-            part = part * tl.load(a_scale_ptr + rm * stride_asm + (k0 // GROUP_K) * stride_asg)[:, None]
-        acc += part
+        if PROMOTE == 0:
+            # A fresh zero accumulator per tile, added in fp32: promotion every BLOCK_K (see module docstring).
+            part = tl.dot(a, b, out_dtype=tl.float32)
+            if A_GROUPED:
+                part = part * tl.load(a_scale_ptr + rm * stride_asm + (k0 // GROUP_K) * stride_asg)[:, None]
+            acc += part
+        elif PROMOTE == 1:
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.float32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -169,7 +178,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, k_p
                      stride_asm, stride_asg, stride_bs,
                      A_MODE: tl.constexpr, B_PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr,
                      GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, PROMOTE: tl.constexpr):
     """Grid (tiles, SPLIT_K). Split s covers K range [s * k_per_split, (s + 1) * k_per_split) and writes its
     scaled partial to c + s * stride_cs (fp32 workspace when SPLIT_K > 1, else the output itself)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -182,7 +191,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, k_p
     k_hi = tl.minimum(K, k_lo + k_per_split)
     acc = _fp8_dot_k_range(a_ptr, b_ptr, a_scale_ptr, rm, rn, k_lo, k_hi,
                            stride_am, stride_ak, stride_bn, stride_bk, stride_asm, stride_asg,
-                           A_MODE == 2, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                           A_MODE == 2, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, PROMOTE)
     # Epilogue: per-token x per-channel scales as an outer product (group scales were applied in the loop).
     if A_MODE == 0:
         acc = acc * tl.load(a_scale_ptr)
@@ -277,6 +286,8 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
     cfg = cfg or pick_config(M, N, K, a.device, grouped_a=a_mode == A_GROUP)
     if a_mode == A_GROUP and GROUP_K % cfg.block_k:
         raise ValueError(f"fp8_gemm: BLOCK_K {cfg.block_k} must divide the scale group {GROUP_K}")
+    if a_mode == A_GROUP and cfg.promote:
+        raise ValueError("fp8_gemm: group scales are applied per tile, which needs promote = 0")
     k_tiles = triton.cdiv(K, cfg.block_k)
     split = min(cfg.split_k, max(k_tiles, 1))
     k_per_split = max(triton.cdiv(k_tiles, split), 1) * cfg.block_k
@@ -289,7 +300,7 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_cs, c.stride(-2), c.stride(-1),
         a_s.stride(0), a_s.stride(1) if a_mode == A_GROUP else 0, b_s.stride(0),
         A_MODE=a_mode, B_PER_CHANNEL=b_per_channel, EVEN_K=K % cfg.block_k == 0, GROUP_K=GROUP_K,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PROMOTE=cfg.promote,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         out.copy_(c.sum(dim=0))                                               # [SPLIT, M, N] -> [M, N]

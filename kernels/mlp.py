@@ -122,7 +122,7 @@ def _up_squared_relu_fp8_kernel(x_ptr, w_ptr, h_ptr, hs_ptr, xs_ptr, ws_ptr, M, 
     rn = offs_n % N
     acc = _fp8_dot_k_range(x_ptr, w_ptr, xs_ptr, rm, rn, 0, K,
                            stride_xm, stride_xk, stride_wn, stride_wk, 0, 0,
-                           False, EVEN_K, BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                           False, EVEN_K, BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_K, 0)
     if X_PER_TOKEN:
         acc = acc * tl.load(xs_ptr + rm * stride_xs)[:, None]
     else:

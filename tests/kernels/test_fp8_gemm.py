@@ -118,6 +118,19 @@ def test_forced_configs_and_split_k(cfg, M, N, K, a_mode):
     _assert_close(out, fp8_gemm_ref(a, b, sa, sb, torch.bfloat16), _magnitude(a, b, sa, sb), torch.bfloat16)
 
 
+@pytest.mark.parametrize("promote", [1, 2])
+def test_other_promotions_compute_the_same_product(promote):
+    """The sweep's alternatives to per-tile promotion (1: the compiler's, 2: none) are the same product; under the
+    interpreter every accumulation is fp32, so they match the reference like the default. Group scales refuse them."""
+    a, b = _operands(40, 136, 520, seed=9)
+    sa, sb = _a_scale("token", 40, 520), _b_scale("channel", 136)
+    cfg = GemmConfig(16, 32, 64, 2, 4, 2, promote=promote)
+    out = _fp8_gemm_launch(a, b, sa, sb, torch.bfloat16, cfg)
+    _assert_close(out, fp8_gemm_ref(a, b, sa, sb, torch.bfloat16), _magnitude(a, b, sa, sb), torch.bfloat16)
+    with pytest.raises(ValueError, match="needs promote = 0"):
+        _fp8_gemm_launch(a, b, _a_scale("group", 40, 520), sb, torch.bfloat16, cfg)
+
+
 @pytest.mark.parametrize("M,N,K", [(1, 200, 256), (64, 136, 512)])
 @pytest.mark.parametrize("scheme", ["tensorwise", "rowwise", "token_x_tensor"])
 def test_matches_torch_scaled_mm(M, N, K, scheme):
@@ -191,17 +204,21 @@ def test_compiles_for_sm90_without_spills():
     types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
              "b_scale_ptr": "*fp32"}
     jobs = []
-    for bound, bucket_cfg in _M_BUCKETS:
-        for a_mode, even_k in [(1, True), (2, True), (0, False)]:
+    # The table, plus the prefill tile with the sweep's two other promotions (per-token A only).
+    variants = [(bound, cfg, [(1, True), (2, True), (0, False)]) for bound, cfg in _M_BUCKETS]
+    variants += [(None, dataclasses.replace(_M_BUCKETS[-1][1], promote=p), [(1, True)]) for p in (1, 2)]
+    for bound, bucket_cfg, modes in variants:
+        for a_mode, even_k in modes:
             # Group-scaled A caps BLOCK_K at the 128-wide group, as pick_config does.
             cfg = dataclasses.replace(bucket_cfg, block_k=min(bucket_cfg.block_k, GROUP_K)) if a_mode == 2 else bucket_cfg
             jobs.append({
                 "module": "kernels.fp8_gemm", "kernel": "_fp8_gemm_kernel", "types": types,
                 "constexprs": {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "A_MODE": a_mode, "B_PER_CHANNEL": True,
                                "EVEN_K": even_k, "GROUP_K": GROUP_K, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                               "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
+                               "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "PROMOTE": cfg.promote},
                 "divisible": ["N", "K", "k_per_split", "stride_am", "stride_bn", "stride_cm"] if even_k else [],
-                "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "label": f"M<={bound} a_mode={a_mode}"})
+                "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                "label": f"M<={bound} a_mode={a_mode} promote={cfg.promote}"})
     for job, res in zip(jobs, aot_compile_sm90(jobs)):
         assert res["local"] == 0, res
         assert res["shared"] <= SM90_SHARED_BYTES, res
