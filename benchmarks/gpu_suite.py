@@ -161,7 +161,8 @@ def _run_child(name: str, smoke: bool, limit: float, output: str) -> dict:
         with open(step_json) as f:
             result = json.load(f)
     if error:
-        result["error"] = error + (f": {_last_error(output, name)}" if _last_error(output, name) else "")
+        last = _last_error(output, name)
+        result["error"] = error + (f": {last}" if last else "")
     result["seconds"] = round(time.time() - start, 1)
     return result
 

@@ -17,7 +17,9 @@ launch (too much shared memory) is recorded with its error instead of stopping t
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, is_dataclass
@@ -310,8 +312,6 @@ def run_sweep(emit: Callable[[dict], None], workers: int | None = None) -> dict:
     result: dict = {"cases": []}
     workers = workers or max(1, min(14, (os.cpu_count() or 2) - 2))
     if workers > 1:
-        import multiprocessing
-        import time
         start = time.perf_counter()
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_warm, _warm_tasks(cases)))
@@ -323,9 +323,6 @@ def run_sweep(emit: Callable[[dict], None], workers: int | None = None) -> dict:
         try:
             x = case.make(device)
             default_out = case.run(x, None)
-            # A first timing is discarded: in the H200 run of 2026-11-28 the first measurement of a case ran up to 4x
-            # slower than the same config timed later in the case (clocks, module loading).
-            _time(lambda: case.run(x, None), cuda)
             row["default_ms"] = round(_time(lambda: case.run(x, None), cuda), 5)
             if case.baseline is not None and case.baseline(x) is not None:
                 row["baseline_ms"] = round(_time(lambda: case.baseline(x), cuda), 5)
