@@ -7,8 +7,9 @@ Scales (fp32, dequantized = fp8.float() * scale):
 Shapes that fit two readings mean the same thing either way ([1] for M == 1; [M, 1] when K <= 128).
 
 Kernel: `tl.dot` on fp8 tiles into an fp32 accumulator. Per-token and per-channel scales are an outer product applied
-once in the epilogue; group scales are applied inside the K loop, one [BLOCK_M] vector per BLOCK_K tile (BLOCK_K
-divides 128, so a tile never straddles two groups). Every tile's dot starts from zero and is added to the running
+once in the epilogue; group scales are applied inside the K loop, one [BLOCK_M] vector per 128-wide slice (BLOCK_K
+divides 128 or is a multiple of it; a deeper tile is walked as 128-wide slices, each its own dot, so no dot straddles
+two groups). Every tile's dot starts from zero and is added to the running
 fp32 accumulator: on sm_90 Triton otherwise lets fp8 wgmma accumulate the whole K in its reduced-precision
 accumulator (max_num_imprecise_acc defaults to 2**30 there), and K reaches 24576 here. Promoting every 128 elements
 is what DeepGEMM does and what torch._scaled_mm's default (use_fast_accum=False) is comparable with.
@@ -29,7 +30,10 @@ At M <= 16 a 256-deep K tile (two 128-byte rows per stage), other settings equal
 GPU time in CUDA graphs, these M = 1 GEMVs run at 0.98-1.77x torch._scaled_mm. At M = 256 the 64-row tile with 4 warps
 beat 128x128 with 8 warps by 5-18% on the four shapes swept. At M = 4096 no tile in the sweep beat 128x128 (all
 within 0.94-0.97x of it) and torch._scaled_mm stays ~1.5x faster: the per-tile promotion, not the tile, is the limit.
-A-group scales (the fused MLP's down projection) need BLOCK_K to divide 128: `pick_config` caps it there.
+A-group scales (the fused MLP's down projection) take the same table: a 256-deep tile loads and multiplies two
+128-wide slices per iteration, each with its group's scale. Until 2026-11-28 they were capped at BLOCK_K = 128, and
+in that sweep the grouped 15B down GEMV at M = 1 took 78.5 us against 54.7 us for the plain one with 256-deep tiles
+and 67.0 us with 128-deep ones (do_bench): the depth of K in flight, not the scales, was most of the gap.
 split-K "fill" (M <= 64 only): when the M x N tile grid leaves more than half the SMs idle (340B TP8 qkv: N = 2688
 -> 42 tiles on 132 SMs), split K into the smallest power of two that reaches the SM count, at most 8 and keeping
 >= 4 K tiles per split; partial sums (already scaled, scaling is linear) go to an fp32 [SPLIT_K, M, N] workspace
@@ -104,12 +108,10 @@ def _num_sms(device: torch.device) -> int:
     return _DEFAULT_NUM_SMS
 
 
-def pick_config(M: int, N: int, K: int, device: torch.device, grouped_a: bool = False) -> GemmConfig:
-    """The M-bucket table above, plus the split-K fill rule for small M. grouped_a: A carries per-128-column group
-    scales, applied per K tile, so BLOCK_K must divide the group."""
+def pick_config(M: int, N: int, K: int, device: torch.device) -> GemmConfig:
+    """The M-bucket table above, plus the split-K fill rule for small M. It holds for group-scaled A too: the
+    kernel applies group scales per 128-wide slice of any power-of-two BLOCK_K."""
     cfg = next(c for bound, c in _M_BUCKETS if bound is None or M <= bound)
-    if grouped_a and GROUP_K % cfg.block_k:
-        cfg = dataclasses.replace(cfg, block_k=GROUP_K)
     if M > _SPLIT_K_MAX_M:
         return cfg
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
@@ -143,30 +145,37 @@ def _fp8_dot_k_range(a_ptr, b_ptr, a_scale_ptr, rm, rn, k_lo, k_hi,
                      A_GROUPED: tl.constexpr, EVEN_K: tl.constexpr, GROUP_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE: tl.constexpr):
     """sum over k in [k_lo, k_hi) of a[rm, k] * b[rn, k] as an fp32 [BLOCK_M, BLOCK_N] tile; rm, rn are in-bounds
-    (callers wrap them modulo M, N), k_lo is a multiple of BLOCK_K. With A_GROUPED each BLOCK_K slice is multiplied
-    by its rows' group scale a_scale[rm, k // GROUP_K] before it is added."""
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + (k_lo + rk)[None, :] * stride_ak   # [BM, BK]
-    b_ptrs = b_ptr + rn.to(tl.int64)[None, :] * stride_bn + (k_lo + rk)[:, None] * stride_bk   # [BK, BN]
+    (callers wrap them modulo M, N), k_lo is a multiple of BLOCK_K. With A_GROUPED each GROUP_K-wide slice is
+    multiplied by its rows' group scale a_scale[rm, k // GROUP_K] before it is added: a BLOCK_K deeper than the
+    group is walked as BLOCK_K // GROUP_K slices of GROUP_K, each its own loads and dot, so one loop iteration still
+    keeps BLOCK_K of K in flight (the 256-deep decode tiles), while each dot sees one group."""
+    SUB_K: tl.constexpr = GROUP_K if (A_GROUPED and BLOCK_K > GROUP_K) else BLOCK_K
+    rk = tl.arange(0, SUB_K)
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + (k_lo + rk)[None, :] * stride_ak   # [BM, SUB_K]
+    b_ptrs = b_ptr + rn.to(tl.int64)[None, :] * stride_bn + (k_lo + rk)[:, None] * stride_bk   # [SUB_K, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            in_k = k0 + rk < k_hi
-            a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=in_k[:, None], other=0.0)
-        if PROMOTE == 0:
-            # A fresh zero accumulator per tile, added in fp32: promotion every BLOCK_K (see module docstring).
-            part = tl.dot(a, b, out_dtype=tl.float32)
-            if A_GROUPED:
-                part = part * tl.load(a_scale_ptr + rm * stride_asm + (k0 // GROUP_K) * stride_asg)[:, None]
-            acc += part
-        elif PROMOTE == 1:
-            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=tl.float32)
-        else:
-            acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+        for sub in tl.static_range(BLOCK_K // SUB_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs + sub * SUB_K * stride_ak)
+                b = tl.load(b_ptrs + sub * SUB_K * stride_bk)
+            else:
+                in_k = k0 + sub * SUB_K + rk < k_hi
+                a = tl.load(a_ptrs + sub * SUB_K * stride_ak, mask=in_k[None, :], other=0.0)
+                b = tl.load(b_ptrs + sub * SUB_K * stride_bk, mask=in_k[:, None], other=0.0)
+            if PROMOTE == 0:
+                # A fresh zero accumulator per slice, added in fp32: promotion every BLOCK_K (module docstring).
+                part = tl.dot(a, b, out_dtype=tl.float32)
+                if A_GROUPED:
+                    # A ragged last tile's second slice may lie wholly past K: its dot is 0, and the clamp keeps
+                    # its scale read inside the [M, ceil(K / 128)] tensor (0 x garbage could be NaN).
+                    group = tl.minimum((k0 + sub * SUB_K) // GROUP_K, (k_hi - 1) // GROUP_K)
+                    part = part * tl.load(a_scale_ptr + rm * stride_asm + group * stride_asg)[:, None]
+                acc += part
+            elif PROMOTE == 1:
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=SUB_K, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(a, b, acc, out_dtype=tl.float32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -283,9 +292,7 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)              # [M, N]
     if M == 0 or N == 0:
         return out
-    cfg = cfg or pick_config(M, N, K, a.device, grouped_a=a_mode == A_GROUP)
-    if a_mode == A_GROUP and GROUP_K % cfg.block_k:
-        raise ValueError(f"fp8_gemm: BLOCK_K {cfg.block_k} must divide the scale group {GROUP_K}")
+    cfg = cfg or pick_config(M, N, K, a.device)
     if a_mode == A_GROUP and cfg.promote:
         raise ValueError("fp8_gemm: group scales are applied per tile, which needs promote = 0")
     k_tiles = triton.cdiv(K, cfg.block_k)
