@@ -1,6 +1,13 @@
-"""`n4 bench kernels`: every Triton kernel beside its plain-torch reference and torch's built-ins
-(`scaled_dot_product_attention`, `torch._scaled_mm`), on the 15B and 340B-TP8 shapes, with TFLOP/s, GB/s and
-the fraction of the roofline (benchmarks/roofline.py) each reaches.
+"""`n4 bench kernels`: every Triton kernel beside its plain-torch reference and torch's built-ins, on the 15B and
+340B-TP8 shapes, with TFLOP/s, GB/s and the fraction of the roofline (benchmarks/roofline.py) each reaches.
+
+The torch built-ins are pinned, so that a figure says which kernel it is:
+- attention: `scaled_dot_product_attention` once per backend (`sdpa_flash`, `sdpa_cudnn`, `sdpa_efficient`) beside
+  the default dispatch (`sdpa`, whichever backend this torch picks on this device). Prefill's baseline is
+  `sdpa_flash` (the goal is BF16 prefill at least as fast as FlashAttention), or `sdpa` where flash cannot run;
+- FP8 GEMM: `torch._scaled_mm` with fp32 promotion (the baseline) and with fast accumulation.
+A built-in that refuses a case (a backend without GQA support, or missing on the CPU) is dropped from it when the
+case is built, and appears as a row with no timings and the reason in its notes.
 
 Without CUDA it runs a reduced set of tiny shapes under the Triton interpreter: that checks the harness and
 the kernels' launch paths, and its timings mean nothing.
@@ -10,11 +17,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.roofline import fraction, for_device
 
@@ -29,7 +39,10 @@ class Case:
     bytes_moved: float
     fp8: bool
     candidates: dict[str, Callable[[], object]]   # name -> zero-argument call; "triton" is ours
-    baseline: str = "ref"
+    # What the others are compared with: the first of these that runs. Put the preferred one first among the
+    # candidates after "triton" and "ref" as well: benchmarks/gpu_report.py takes that row as the baseline.
+    baselines: tuple[str, ...] = ("ref",)
+    unavailable: dict[str, str] = field(default_factory=dict)   # dropped when the case was built: name -> why
 
 
 @dataclass
@@ -41,7 +54,8 @@ class Row:
     tflops: float
     gbps: float
     roofline_fraction: float
-    vs_baseline: float | None = None
+    vs_baseline: float | None = None            # the baseline's time / this one's: > 1 is faster than it
+    is_baseline: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -123,6 +137,51 @@ MODELS = {
 REDUCED = {"tiny": dict(hidden=256, heads=6, kv_heads=1, head_dim=64, inter=512, o_in=384)}
 
 
+# SDPA pinned to one backend each. The default dispatch picks by device, dtype and torch version (cuDNN ahead of
+# FlashAttention-2 on some H100/H200 builds: our H200 "sdpa" reached ~560 TFLOP/s, more than FA2 usually does),
+# so a default-dispatch figure alone does not say which kernel ours was compared with.
+SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def _sdpa(q, k, v, backend: SDPBackend | None = None, **kwargs) -> Callable[[], torch.Tensor]:
+    """A zero-argument `scaled_dot_product_attention` call; `backend` None is the default dispatch.
+
+    The pin is entered inside the call: the backend is chosen at every dispatch, so every call (warm-up, CUDA-graph
+    capture, do_bench) must run under it, and it must not leak into the candidates timed after this one.
+    """
+    def call():
+        if backend is None:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    return call
+
+
+def _drop_unrunnable(candidates: dict[str, Callable], names) -> dict[str, str]:
+    """Call each named candidate once; remove the ones that raise and return {name: why}.
+
+    For torch's built-ins that refuse some cases (a pinned SDPA backend, `_scaled_mm`'s fast accumulation). Probing
+    them while the case is built keeps a refusal from costing a failed graph capture and a do_bench attempt, and a
+    pinned SDPA backend explains its refusal only in warnings, which are caught here and kept in the note.
+    """
+    dropped = {}
+    for name in names:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                candidates[name]()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 — any refusal drops the candidate, and the note says why
+                dropped[name] = _unavailable(e, [str(w.message) for w in caught])
+                del candidates[name]
+                continue
+        for w in caught:  # a candidate that runs keeps its warnings
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return dropped
+
+
 def _fp8(shape, device, scale=0.05):
     return (torch.randn(shape, device=device) * scale / 0.05).clamp(-448, 448).to(FP8)
 
@@ -139,14 +198,24 @@ def gemm_cases(model: str, m_values, device) -> list[Case]:
         for m in m_values:
             a = _fp8((m, k), device)
             a_scale = torch.rand(m, device=device) * 0.01 + 0.001      # per token (dynamic)
+            # Two torch figures. The baseline keeps use_fast_accum=False: it promotes partial sums into fp32, as
+            # ours does every 128-deep K tile, so it is the like-for-like comparison. With fast accumulation the
+            # sums stay in the tensor cores' reduced-precision accumulator; vLLM's CUTLASS FP8 kernels for
+            # per-tensor / per-token scales on sm_90 use those fast-accumulation schedules, so that is the speed
+            # a serving stack is measured against.
             candidates = {
                 "triton": lambda a=a, b=b, sa=a_scale, sb=b_scale: fp8_gemm(a, b, sa, sb, torch.bfloat16),
                 "ref": lambda a=a, b=b, sa=a_scale, sb=b_scale: fp8_gemm_ref(a, b, sa, sb, torch.bfloat16),
                 "torch._scaled_mm": lambda a=a, b=b, sa=a_scale, sb=b_scale: torch._scaled_mm(
                     a, b.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16),
+                "torch._scaled_mm fast_accum": lambda a=a, b=b, sa=a_scale, sb=b_scale: torch._scaled_mm(
+                    a, b.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16,
+                    use_fast_accum=True),
             }
+            unavailable = _drop_unrunnable(candidates, ["torch._scaled_mm fast_accum"])
             cases.append(Case("fp8_gemm", f"{model} {proj} M={m} N={n} K={k}", 2.0 * m * n * k,
-                              m * k + n * k + 2 * m * n + 4 * (m + n), True, candidates, "torch._scaled_mm"))
+                              m * k + n * k + 2 * m * n + 4 * (m + n), True, candidates, ("torch._scaled_mm",),
+                              unavailable))
     return cases
 
 
@@ -175,16 +244,21 @@ def decode_cases(model: str, batches, ctx: int, device) -> list[Case]:
                 "triton": lambda args=args, ks=ks, vs=vs: paged_decode_attention(*args, k_scale=ks, v_scale=vs),
                 "ref": lambda args=args, ks=ks, vs=vs: paged_decode_attention_ref(*args, k_scale=ks, v_scale=vs),
             }
-            if kv_dtype != FP8:  # SDPA on dense (already gathered) K/V: the contiguous-memory lower bound
+            unavailable = {}
+            if kv_dtype != FP8:
+                # SDPA on dense (already gathered) K/V: the contiguous-memory lower bound. The default dispatch
+                # stays the baseline (a memory-bound bound, whichever backend reaches it); flash beside it.
                 kd = torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16)
                 vd = torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16)
                 qd = q.view(b, h, 1, d)
-                candidates["sdpa"] = lambda qd=qd, kd=kd, vd=vd: torch.nn.functional.scaled_dot_product_attention(
-                    qd, kd, vd, enable_gqa=True)
+                candidates["sdpa"] = _sdpa(qd, kd, vd, enable_gqa=True)
+                candidates["sdpa_flash"] = _sdpa(qd, kd, vd, SDPA_BACKENDS["sdpa_flash"], enable_gqa=True)
+                unavailable = _drop_unrunnable(candidates, ["sdpa_flash"])
             kv_bytes = 2 * b * ctx * hk * d * kv_dtype.itemsize
             name = "fp8" if kv_dtype == FP8 else "bf16"
             cases.append(Case("decode_attention", f"{model} B={b} ctx={ctx} kv={name}", 4.0 * b * h * ctx * d,
-                              kv_bytes + 4 * b * h * d, False, candidates, "sdpa" if "sdpa" in candidates else "ref"))
+                              kv_bytes + 4 * b * h * d, False, candidates,
+                              ("ref",) if kv_dtype == FP8 else ("sdpa",), unavailable))
     return cases
 
 
@@ -204,13 +278,16 @@ def prefill_cases(model: str, seqs: int, seq_len: int, device) -> list[Case]:
     candidates = {
         "triton": lambda: paged_prefill_attention(*args),
         "ref": lambda: paged_attention_ref(*args),
-        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True,
-                                                                         enable_gqa=True),
+        "sdpa_flash": _sdpa(qd, kd, vd, SDPA_BACKENDS["sdpa_flash"], is_causal=True, enable_gqa=True),
+        "sdpa": _sdpa(qd, kd, vd, is_causal=True, enable_gqa=True),   # the figure earlier runs reported
+        "sdpa_cudnn": _sdpa(qd, kd, vd, SDPA_BACKENDS["sdpa_cudnn"], is_causal=True, enable_gqa=True),
+        "sdpa_efficient": _sdpa(qd, kd, vd, SDPA_BACKENDS["sdpa_efficient"], is_causal=True, enable_gqa=True),
     }
+    unavailable = _drop_unrunnable(candidates, list(SDPA_BACKENDS))
     flops = 4.0 * seqs * h * d * seq_len * (seq_len + 1) / 2   # causal: half the score matrix
     bytes_moved = 2 * (2 * t * h * d + 2 * t * hk * d)
     return [Case("prefill_attention", f"{model} {seqs}x{seq_len} bf16", flops, bytes_moved, False, candidates,
-                 "sdpa")]
+                 ("sdpa_flash", "sdpa"), unavailable)]
 
 
 def mlp_cases(model: str, m_values, device) -> list[Case]:
@@ -238,7 +315,7 @@ def mlp_cases(model: str, m_values, device) -> list[Case]:
             "separate": separate,
         }
         cases.append(Case("squared_relu_mlp_fp8", f"{model} M={m} H={hid} I={inter}", 4.0 * m * hid * inter,
-                          2 * hid * inter + m * hid * 3 + m * inter * 2, True, candidates, "separate"))
+                          2 * hid * inter + m * hid * 3 + m * inter * 2, True, candidates, ("separate",)))
     return cases
 
 
@@ -291,29 +368,50 @@ def build_cases(reduced: bool, device) -> list[Case]:
 
 
 def run(cases: list[Case], iters: int, cuda: bool, roof) -> list[Row]:
+    """Rows of each case in candidate order, then one row without timings per candidate that did not run."""
     rows = []
     for case in cases:
-        timings = {}
+        timings, unavailable = {}, dict(case.unavailable)
         for impl, fn in case.candidates.items():
             try:
                 timings[impl] = _time(fn, iters, cuda)
             except Exception as e:  # noqa: BLE001 — a _scaled_mm scale layout, a kernel that fails to compile: noted
                 if cuda:
                     torch.cuda.synchronize()
-                rows.append(Row(case.kernel, case.shape, impl, math.nan, math.nan, math.nan, math.nan,
-                                notes=[_unavailable(e)]))
-        base = timings.get(case.baseline)
+                unavailable[impl] = _unavailable(e)
+        baseline = next((name for name in case.baselines if name in timings), None)
         for impl, seconds in timings.items():
+            notes = []
+            if impl == baseline and baseline != case.baselines[0]:
+                notes.append(f"baseline in place of {case.baselines[0]}, which did not run")
             rows.append(Row(case.kernel, case.shape, impl, seconds * 1e3, case.flops / seconds / 1e12,
                             case.bytes_moved / seconds / 1e9,
                             fraction(roof, seconds, case.flops, case.bytes_moved, case.fp8),
-                            vs_baseline=(base / seconds) if base else None))
+                            vs_baseline=timings[baseline] / seconds if baseline else None,
+                            is_baseline=impl == baseline, notes=notes))
+        rows += [Row(case.kernel, case.shape, impl, math.nan, math.nan, math.nan, math.nan, notes=[why])
+                 for impl, why in unavailable.items()]
     return rows
 
 
-def _unavailable(e: Exception) -> str:
+_TORCH_SOURCE_SUFFIX = re.compile(r"\s*\(Triggered internally at [^)]*\)\.?$")
+
+
+def _unavailable(e: Exception, warned: Sequence[str] = ()) -> str:
+    """One line: the exception's first line, then what the warnings raised with it say.
+
+    A pinned SDPA backend that refuses raises only "No available kernel"; the reasons come as warnings, one
+    "<backend> kernel not used because:" header per backend followed by its reasons. The headers, and the other
+    backends' "runtime disabled" (the pin's doing), are left out.
+    """
     first = (str(e).strip().splitlines() or [""])[0]
-    return f"unavailable: {type(e).__name__}: {first[:160]}"
+    reasons = []
+    for message in warned:
+        line = _TORCH_SOURCE_SUFFIX.sub("", (message.strip().splitlines() or [""])[0])
+        if line and not line.endswith("because:") and "runtime disabled" not in line and line not in reasons:
+            reasons.append(line)
+    note = f"unavailable: {type(e).__name__}: {first}" + (f" ({'; '.join(reasons)})" if reasons else "")
+    return note if len(note) <= 240 else note[:237] + "..."
 
 
 def _finite(row: dict) -> dict:
@@ -336,10 +434,11 @@ def main(reduced: bool = False, only: str | None = None, iters: int | None = Non
         cases = [c for c in cases if c.kernel in wanted]
     rows = run(cases, iters or (40 if cuda else 2), cuda, roof)
     print(f"device: {name}; roofline: {roof.source}")
-    print(f"{'kernel':22} {'shape':44} {'impl':18} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'roof':>6} {'x base':>7}")
+    iw = max([18] + [len(r.impl) for r in rows])
+    print(f"{'kernel':22} {'shape':44} {'impl':{iw}} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'roof':>6} {'x base':>7}")
     for r in rows:
-        ratio = f"{r.vs_baseline:7.2f}" if r.vs_baseline else "      -"
-        print(f"{r.kernel:22} {r.shape:44} {r.impl:18} {r.ms:9.4f} {r.tflops:8.2f} {r.gbps:8.1f} "
+        ratio = "   base" if r.is_baseline else f"{r.vs_baseline:7.2f}" if r.vs_baseline else "      -"
+        print(f"{r.kernel:22} {r.shape:44} {r.impl:{iw}} {r.ms:9.4f} {r.tflops:8.2f} {r.gbps:8.1f} "
               f"{r.roofline_fraction:6.1%} {ratio}" + (f"  {'; '.join(r.notes)}" if r.notes else ""))
     if json_path:
         with open(json_path, "w") as f:
