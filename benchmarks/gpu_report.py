@@ -44,8 +44,10 @@ def kernel_table(kernels: dict) -> list[str]:
         ours = impls.get("triton")
         if ours is None:
             continue
+        # Rows since 2026-11-28 (session 6) name their baseline; older runs had it first among torch's built-ins.
+        marked = [name for name, r in impls.items() if r.get("is_baseline")]
         others = [name for name in impls if name not in ("triton", "ref")]
-        base = others[0] if others else "ref"
+        base = marked[0] if marked else others[0] if others else "ref"
         b = impls[base]
         lines.append(f"| {kernel} | {shape} | {_f(ours['ms'], 4)} | {base} | {_f(b['ms'], 4)} | "
                      f"{_f(ours.get('vs_baseline'), 2)} | {_f(ours.get('roofline_fraction'), 2)} |")

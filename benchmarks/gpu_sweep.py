@@ -73,7 +73,8 @@ def _fp8_operands(device, m: int, n: int, k: int, a_scale_shape: tuple) -> tuple
 def _gemm_configs(m: int) -> list:
     from kernels.fp8_gemm import GemmConfig
     if SMOKE:
-        return [GemmConfig(16, 32, 64, 1, 4, 2), GemmConfig(16, 64, 64, 1, 4, 2, 2)]
+        return [GemmConfig(16, 32, 64, 1, 4, 2), GemmConfig(16, 64, 64, 1, 4, 2, 2),
+                GemmConfig(16, 32, 64, 1, 4, 2, tma=True)]
     if m <= 16:
         return [GemmConfig(16, n, k, 1, w, s, split) for n in (32, 64, 128) for k in (128, 256) for w in (2, 4)
                 for s in (4, 6) for split in (1, 2)]
@@ -86,7 +87,14 @@ def _gemm_configs(m: int) -> list:
     # per-tile promotion (0) is what keeps the kernel at ~0.65x torch._scaled_mm (benchmarks/README.md).
     promoted = [GemmConfig(bm, bn, 128, 8, w, s, promote=p) for bm, bn, w, s in
                 [(128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (128, 128, 4, 4)] for p in (1, 2)]
-    return tiles + promoted
+    # TMA loads in a persistent grid, with each promotion, and Triton's Hopper warp specialization of the tile loop
+    # (with 4 warps it splits off a producer and rebalances registers with setmaxnreg; with 8 it pipelines without
+    # them: both compile for sm_90 without spills, tests/kernels/test_fp8_gemm.py).
+    tma = [GemmConfig(bm, bn, 128, 8, w, s, promote=p, tma=True) for bm, bn, w, s in
+           [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)] for p in (0, 1, 2)]
+    tma += [GemmConfig(128, bn, 128, 8, w, s, promote=p, tma=True, warp_specialize=True) for bn, w, s in
+            [(128, 4, 4), (128, 8, 4), (256, 8, 3)] for p in (0, 2)]
+    return tiles + promoted + tma
 
 
 def _gemm_case(name: str, m: int) -> SweepCase:

@@ -43,6 +43,13 @@ noticeable part of a ~15 us GEMM. Resulting splits for M <= 64: 340B TP8 qkv 4, 
 table is a starting point to be tuned with benchmarks/gpu_suite.py.
 
 Program order is grouped (GROUP_M M-tiles walk the N tiles together) so that prefill re-reads weight tiles from L2.
+
+A second kernel, `_fp8_gemm_tma_kernel` (GemmConfig.tma; no table entry uses it yet), is prepared for the GPU sweep
+at prefill sizes, where the pointer kernel runs at 0.58-0.70x torch._scaled_mm: A and B tiles come by TMA copies
+from host-built descriptors (no address math or masks in the K loop; TMA fills zeros past M, N and K), in a
+persistent grid of one program per SM, optionally with Triton's Hopper warp specialization of the tile loop. It
+takes every scale mode and promotion; operands a descriptor cannot describe (an inner stride other than 1, a row
+stride or base not 16-byte aligned), split-K and BLOCK_K > 128 fall back to the pointer kernel with the same tiles.
 Compiled for sm_90 (tests compile every table entry ahead of time on the CPU): BLOCK_M >= 64 runs native fp8
 wgmma; the 16/32-row decode tiles lower to mma.sync with fp8 -> f16 conversion in registers, which costs ALU time
 that a weight-streaming decode GEMM has to spare. No entry spills registers.
@@ -86,6 +93,13 @@ class GemmConfig:
     # 1, tl.dot's max_num_imprecise_acc = BLOCK_K (the compiler promotes); 2, no promotion (fast accumulation, as
     # torch._scaled_mm(use_fast_accum=True)). 1 and 2 are for the GPU sweep to time against 0; group scales need 0.
     promote: int = 0
+    # TMA: A and B tiles arrive by tensor-memory-accelerator copies from host-built descriptors (no address math or
+    # masks in the loop; zero fill past M, N and K), in a persistent grid of one program per SM walking the tiles.
+    # warp_specialize asks Triton's Hopper warp specialization for that tile loop (a producer warp group issuing the
+    # copies). Both are for the GPU sweep to time against the pointer kernel at prefill sizes; BLOCK_K <= 128 (a TMA
+    # box row of at most the 128-byte swizzle).
+    tma: bool = False
+    warp_specialize: bool = False
 
 
 # (largest M of the bucket, config); None = everything larger.
@@ -201,7 +215,17 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, k_p
     acc = _fp8_dot_k_range(a_ptr, b_ptr, a_scale_ptr, rm, rn, k_lo, k_hi,
                            stride_am, stride_ak, stride_bn, stride_bk, stride_asm, stride_asg,
                            A_MODE == 2, EVEN_K, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, PROMOTE)
-    # Epilogue: per-token x per-channel scales as an outer product (group scales were applied in the loop).
+    _scale_and_store(acc, c_ptr + pid_k.to(tl.int64) * stride_cs, a_scale_ptr, b_scale_ptr, offs_m, offs_n, M, N,
+                     stride_cm, stride_cn, stride_asm, stride_bs, A_MODE, B_PER_CHANNEL)
+
+
+@triton.jit
+def _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, stride_asm,
+                     stride_bs, A_MODE: tl.constexpr, B_PER_CHANNEL: tl.constexpr):
+    """Epilogue: per-token x per-channel scales as an outer product on the fp32 tile (group scales were applied in
+    the K loop), then the masked store of rows offs_m < M and columns offs_n < N."""
+    rm = offs_m % M
+    rn = offs_n % N
     if A_MODE == 0:
         acc = acc * tl.load(a_scale_ptr)
     elif A_MODE == 1:
@@ -210,10 +234,43 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, k_p
         acc = acc * tl.load(b_scale_ptr + rn * stride_bs)[None, :]
     else:
         acc = acc * tl.load(b_scale_ptr)
-    c_ptrs = (c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm
-              + offs_n[None, :] * stride_cn)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, num_programs,
+                         stride_cm, stride_cn, stride_asm, stride_asg, stride_bs,
+                         A_MODE: tl.constexpr, B_PER_CHANNEL: tl.constexpr, GROUP_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         PROMOTE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """Persistent: program p takes tiles p, p + num_programs, ... in grouped order. a_desc / b_desc are TMA
+    descriptors of a [M, K] and b [N, K] with [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K] boxes; a box reaching past
+    M, N or K reads zeros, so the K loop has no masks."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=not WARP_SPECIALIZE,
+                         warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])                            # [BM, BK]
+            b = b_desc.load([pid_n * BLOCK_N, k0])                            # [BN, BK]
+            if PROMOTE == 0:
+                part = tl.dot(a, b.T, out_dtype=tl.float32)                   # promotion every BLOCK_K, as above
+                if A_MODE == 2:
+                    # BLOCK_K <= 128 divides the group; rows past M read the last row's scale (never stored).
+                    scale_ptrs = a_scale_ptr + (offs_m % M) * stride_asm + (k0 // GROUP_K) * stride_asg
+                    part = part * tl.load(scale_ptrs)[:, None]
+                acc += part
+            elif PROMOTE == 1:
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.float32)
+        _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+                         stride_asm, stride_bs, A_MODE, B_PER_CHANNEL)
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -295,6 +352,8 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
     cfg = cfg or pick_config(M, N, K, a.device)
     if a_mode == A_GROUP and cfg.promote:
         raise ValueError("fp8_gemm: group scales are applied per tile, which needs promote = 0")
+    if cfg.tma and _tma_ready(a, b, cfg):
+        return _fp8_gemm_tma_launch(a, b, a_s, b_s, a_mode, b_per_channel, out, cfg)
     k_tiles = triton.cdiv(K, cfg.block_k)
     split = min(cfg.split_k, max(k_tiles, 1))
     k_per_split = max(triton.cdiv(k_tiles, split), 1) * cfg.block_k
@@ -311,4 +370,30 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         out.copy_(c.sum(dim=0))                                               # [SPLIT, M, N] -> [M, N]
+    return out
+
+
+def _tma_ready(a: torch.Tensor, b: torch.Tensor, cfg: GemmConfig) -> bool:
+    """Whether a TMA config can run on these operands; otherwise the pointer kernel takes the same tiles. A TMA
+    descriptor needs a unit inner stride, 16-byte aligned outer strides and base addresses; split-K is not
+    implemented for it (prefill sizes fill the SMs without it)."""
+    if cfg.block_k > 128 or cfg.split_k > 1:
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
+
+
+def _fp8_gemm_tma_launch(a: torch.Tensor, b: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor, a_mode: int,
+                         b_per_channel: bool, out: torch.Tensor, cfg: GemmConfig) -> torch.Tensor:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    (M, K), N = a.shape, b.shape[0]
+    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [cfg.block_m, cfg.block_k])
+    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [cfg.block_n, cfg.block_k])
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    programs = min(tiles, _num_sms(a.device))
+    _fp8_gemm_tma_kernel[(programs,)](
+        a_desc, b_desc, out, a_s, b_s, M, N, K, programs, out.stride(0), out.stride(1),
+        a_s.stride(0), a_s.stride(1) if a_mode == A_GROUP else 0, b_s.stride(0),
+        A_MODE=a_mode, B_PER_CHANNEL=b_per_channel, GROUP_K=GROUP_K, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PROMOTE=cfg.promote, WARP_SPECIALIZE=cfg.warp_specialize,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

@@ -33,3 +33,13 @@ def test_unreadable_json_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         main([str(bad)])
     assert "cannot read" in str(e.value)
+
+
+def test_kernel_table_uses_the_marked_baseline():
+    """Rows that mark their baseline (is_baseline) are compared with it, whatever the order of the built-ins."""
+    row = {"kernel": "prefill_attention", "shape": "15b 1x4096 bf16", "roofline_fraction": 0.3}
+    rows = [dict(row, impl="triton", ms=0.67, vs_baseline=0.9),
+            dict(row, impl="sdpa", ms=0.37),
+            dict(row, impl="sdpa_flash", ms=0.60, is_baseline=True)]
+    text = render({"device": "x", "kernels": {"rows": rows}})
+    assert "| prefill_attention | 15b 1x4096 bf16 | 0.6700 | sdpa_flash | 0.6000 | 0.90 |" in text

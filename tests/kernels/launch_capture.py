@@ -66,7 +66,8 @@ for job in json.loads(open(sys.argv[1]).read()):
         local = re.search(r"LOCAL:(\d+)", usage)
         regs = re.search(r"REG:(\d+)", usage)
         res.update({"shared": k.metadata.shared, "local": int(local.group(1)), "regs": int(regs.group(1)),
-                    "wgmma": "wgmma.mma_async" in k.asm["ptx"]})
+                    "wgmma": "wgmma.mma_async" in k.asm["ptx"],
+                    "setmaxnreg": "setmaxnreg" in k.asm["ptx"], "tma": "cp.async.bulk.tensor" in k.asm["ptx"]})
     except Exception as e:
         res["error"] = (type(e).__name__ + ": " + str(e))[-3000:]
     results.append(res)
