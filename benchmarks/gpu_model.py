@@ -59,6 +59,78 @@ def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int) -> dict:
             "prefill_tokens_per_s": round(batch * prompt_len / prefill_s, 1)}
 
 
+class _PhaseTimer:
+    """Wall time of named engine phases, each bracketed by a device sync so a phase owns the GPU work it launched
+    (the engine's steps are serial: the sampler reads its tokens back to the host every step)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            _sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync()
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return timed
+
+
+class _TimedSampler:
+    """The runner's sampler behind a timer (a callable object: its __call__ cannot be patched on the instance)."""
+
+    def __init__(self, sampler, timer: _PhaseTimer):
+        self._sampler, self._call = sampler, timer.wrap("sample", sampler.__call__)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._sampler, name)
+
+
+def step_phases(engine, batch: int, prompt_len: int, steps: int) -> dict:
+    """Where a decode step's time goes: ms per step in the scheduler, input preparation (host lists -> device
+    tensors), the forward (CUDA graph replay or eager layers), lm_head, sampling, and the rest (scheduler update,
+    outputs, engine bookkeeping), each phase bracketed by device syncs. Run after the timed decode, on its own
+    requests: the syncs add a little to the total, which is reported beside the phases."""
+    from server.engine.sampling import SamplingParams
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"phases{batch}-{i}", _prompt(engine, prompt_len, 7000 + batch * 1000 + i), params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
+        engine.step()
+    runner, timer = engine.runner, _PhaseTimer()
+    patched = [(engine.scheduler, "schedule"), (runner, "_prepare_inputs"), (runner.model, "compute_logits"),
+               (runner.model, "forward")] + ([(runner.graphs, "run")] if runner.graphs is not None else [])
+    names = {"schedule": "schedule", "_prepare_inputs": "prepare_inputs", "compute_logits": "lm_head",
+             "forward": "forward", "run": "forward"}
+    sampler = runner.sampler
+    for obj, attr in patched:
+        setattr(obj, attr, timer.wrap(names[attr], getattr(obj, attr)))
+    runner.sampler = _TimedSampler(sampler, timer)
+    try:
+        _sync()
+        start, done = time.perf_counter(), 0
+        while engine.has_unfinished_requests() and done < steps:
+            engine.step()
+            done += 1
+        _sync()
+        total = time.perf_counter() - start
+    finally:
+        for obj, attr in patched:
+            delattr(obj, attr)                    # the instance attribute goes; the class's method is back
+        runner.sampler = sampler
+    while engine.has_unfinished_requests():
+        engine.step()
+    per_step = {name: round(1e3 * sec / max(done, 1), 4) for name, sec in timer.seconds.items()}
+    per_step["other"] = round(1e3 * total / max(done, 1) - sum(per_step.values()), 4)
+    return {"batch": batch, "steps": done, "ms_per_step_with_syncs": round(1e3 * total / max(done, 1), 4),
+            "phases_ms": per_step}
+
+
 def time_to_first_token(engine, prompt_len: int) -> dict:
     """One prompt, one output token; the second of two runs (the first compiles the prefill shapes)."""
     from server.engine.sampling import SamplingParams
@@ -169,6 +241,11 @@ def model_run(preset: str, batches: list[int], backend: str, dtype: str, prompt_
         except Exception as e:  # noqa: BLE001 — a diagnostic: its failure must not cost the TTFT below
             result["graph_replay_ms"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         emit(result)
+    try:
+        result["step_phases"] = [step_phases(engine, b, prompt_len, 16) for b in (batches[0], batches[-1])]
+    except Exception as e:  # noqa: BLE001 — a diagnostic: its failure must not cost the TTFT below
+        result["step_phases"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    emit(result)
     result["ttft"] = time_to_first_token(engine, ttft_len)
     if plan is not None:
         # FLOPs of the prompt (linear layers, causal attention, one lm_head row) over the FP8 dense peak.

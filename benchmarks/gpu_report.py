@@ -24,6 +24,16 @@ def model_table(model: dict) -> list[str]:
                      f"{_f(roof.get('ideal_ms'), 2)} | {_f(roof.get('fraction_of_hbm_roofline'), 2)} | "
                      f"{_f(graph.get(b) if isinstance(graph, dict) else None, 2)} | "
                      f"{_f(head.get(b) if isinstance(head, dict) else None, 2)} |")
+    phases = model.get("step_phases")
+    if isinstance(phases, list) and phases:
+        names = ["schedule", "prepare_inputs", "forward", "lm_head", "sample", "other"]
+        lines += ["", "Where a decode step goes (ms, each phase between device syncs):", "",
+                  "| batch | " + " | ".join(names) + " | total with syncs |", "|---" * (len(names) + 2) + "|"]
+        for p in phases:
+            lines.append(f"| {p['batch']} | " + " | ".join(_f(p["phases_ms"].get(n), 3) for n in names)
+                         + f" | {_f(p.get('ms_per_step_with_syncs'), 3)} |")
+    elif isinstance(phases, dict) and "error" in phases:
+        lines += ["", f"Step phases: {phases['error']}"]
     ttft = model.get("ttft")
     if ttft:
         lines.append("")

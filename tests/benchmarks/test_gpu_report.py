@@ -43,3 +43,10 @@ def test_kernel_table_uses_the_marked_baseline():
             dict(row, impl="sdpa_flash", ms=0.60, is_baseline=True)]
     text = render({"device": "x", "kernels": {"rows": rows}})
     assert "| prefill_attention | 15b 1x4096 bf16 | 0.6700 | sdpa_flash | 0.6000 | 0.90 |" in text
+
+
+def test_step_phases_table():
+    phases = {"schedule": 0.05, "prepare_inputs": 0.2, "forward": 5.9, "lm_head": 0.7, "sample": 0.3, "other": 0.1}
+    text = render({"device": "x", "model_15b": {"decode": [], "step_phases": [
+        {"batch": 1, "steps": 16, "ms_per_step_with_syncs": 7.25, "phases_ms": phases}]}})
+    assert "| 1 | 0.050 | 0.200 | 5.900 | 0.700 | 0.300 | 0.100 | 7.250 |" in text

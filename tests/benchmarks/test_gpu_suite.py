@@ -26,6 +26,8 @@ def test_gpu_suite_smoke(tmp_path):
     assert [d["batch"] for d in decode] == [1, 4] and all(d["output_tokens_per_s"] > 0 for d in decode)
     assert report["model_15b"]["ttft"]["prompt_tokens"] == 32
     assert report["model_15b"]["preset"] == "tiny"   # the smoke run's stand-in for the 15B preset
+    phases = report["model_15b"]["step_phases"]
+    assert [p["batch"] for p in phases] == [1, 4] and all(p["phases_ms"]["forward"] > 0 for p in phases)
     projection = report["rank_slice_340b"]["projection"]
     assert [p["batch"] for p in projection] == [1, 2] and all("ms_per_layer" in p for p in projection)
     for step in ("correctness", "kernels", "model_15b", "rank_slice_340b"):
