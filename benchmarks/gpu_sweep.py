@@ -73,8 +73,7 @@ def _fp8_operands(device, m: int, n: int, k: int, a_scale_shape: tuple) -> tuple
 def _gemm_configs(m: int) -> list:
     from kernels.fp8_gemm import GemmConfig
     if SMOKE:
-        return [GemmConfig(16, 32, 64, 1, 4, 2), GemmConfig(16, 64, 64, 1, 4, 2, 2),
-                GemmConfig(16, 32, 64, 1, 4, 2, tma=True)]
+        return [GemmConfig(16, 32, 64, 1, 4, 2), GemmConfig(16, 64, 64, 1, 4, 2, 2)]
     if m <= 16:
         return [GemmConfig(16, n, k, 1, w, s, split) for n in (32, 64, 128) for k in (128, 256) for w in (2, 4)
                 for s in (4, 6) for split in (1, 2)]
@@ -87,19 +86,27 @@ def _gemm_configs(m: int) -> list:
     # per-tile promotion (0) is what keeps the kernel at ~0.65x torch._scaled_mm (benchmarks/README.md).
     promoted = [GemmConfig(bm, bn, 128, 8, w, s, promote=p) for bm, bn, w, s in
                 [(128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (128, 128, 4, 4)] for p in (1, 2)]
-    # TMA loads in a persistent grid, with each promotion, and Triton's Hopper warp specialization of the tile loop
-    # (with 4 warps it splits off a producer and rebalances registers with setmaxnreg; with 8 it pipelines without
-    # them: both compile for sm_90 without spills, tests/kernels/test_fp8_gemm.py).
+    return tiles + promoted
+
+
+def _gemm_tma_configs(m: int) -> list:
+    """The persistent TMA kernel (GemmConfig.tma) with each promotion, and Triton's Hopper warp specialization of
+    its tile loop (4 warps: a producer split off, registers rebalanced with setmaxnreg; 8 warps: pipelined without
+    them). All compile for sm_90 without spills (tests/kernels/test_fp8_gemm.py); none had run on a GPU when this
+    was written, so their cases come last in the sweep (a fault there cannot cost the others)."""
+    from kernels.fp8_gemm import GemmConfig
+    if SMOKE:
+        return [GemmConfig(16, 32, 64, 1, 4, 2, tma=True)]
     tma = [GemmConfig(bm, bn, 128, 8, w, s, promote=p, tma=True) for bm, bn, w, s in
            [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)] for p in (0, 1, 2)]
     tma += [GemmConfig(128, bn, 128, 8, w, s, promote=p, tma=True, warp_specialize=True) for bn, w, s in
             [(128, 4, 4), (128, 8, 4), (256, 8, 3)] for p in (0, 2)]
     if m < 1024:  # M = 256: the two tiles the table uses there, with TMA (keeps the sweep inside its limit)
         tma = [c for c in tma if c.promote == 0 and not c.warp_specialize and c.block_n == 128 and c.num_stages == 4]
-    return tiles + promoted + tma
+    return tma
 
 
-def _gemm_case(name: str, m: int) -> SweepCase:
+def _gemm_case(name: str, m: int, tma: bool = False) -> SweepCase:
     from kernels.fp8_gemm import _fp8_gemm_launch
     n, k = (256, 512) if SMOKE else _GEMM_SHAPES[name]
 
@@ -113,11 +120,12 @@ def _gemm_case(name: str, m: int) -> SweepCase:
         a, b, sa, sb = x
         return torch._scaled_mm(a, b.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16)
 
-    # Every model N, K and stride is a multiple of 16 and every K of 256: only M == 1 (a constant) and the config
-    # list (one per M bucket; M >= 1024 adds the TMA variants) tell the compiled kernels apart.
-    group = f"fp8_gemm M={m}" if m == 1 else "fp8_gemm prefill" if m >= 1024 else f"fp8_gemm bucket={min(m, 256)}"
-    return SweepCase("fp8_gemm", f"{name} M={m} N={n} K={k}", make, run, _gemm_configs(m), baseline,
-                     compile_group=group)
+    # Every model N, K and stride is a multiple of 16 and every K of 256: only M == 1 (a constant) and the M bucket's
+    # config list tell the compiled kernels apart.
+    kernel = "fp8_gemm_tma" if tma else "fp8_gemm"
+    group = f"{kernel} M={m}" if m == 1 or tma else f"{kernel} bucket={min(m, 256)}"
+    configs = _gemm_tma_configs(m) if tma else _gemm_configs(m)
+    return SweepCase(kernel, f"{name} M={m} N={n} K={k}", make, run, configs, baseline, compile_group=group)
 
 
 def _gemm_grouped_case(name: str, m: int) -> SweepCase:
@@ -275,7 +283,7 @@ def _prefill_case(model: str, seqs: int, seq_len: int) -> SweepCase:
 def sweep_cases() -> list[SweepCase]:
     if SMOKE:
         return [_gemm_case("tiny", 1), _gemm_grouped_case("tiny", 1), _gemv_case("tiny"), _mlp_up_case("tiny", 1),
-                _decode_case("tiny", 2, 64, FP8), _prefill_case("tiny", 1, 64)]
+                _decode_case("tiny", 2, 64, FP8), _prefill_case("tiny", 1, 64), _gemm_case("tiny", 1, tma=True)]
     cases = [_gemm_case(name, m) for m in (1, 16) for name in _GEMM_SHAPES]
     cases += [_gemm_case(name, 64) for name in ("15b qkv", "15b up", "340b-tp8 down")]
     cases += [_gemm_case(name, m) for m in (256, 4096) for name in ("15b qkv", "15b up", "15b down", "340b-tp8 down")]
@@ -285,16 +293,20 @@ def sweep_cases() -> list[SweepCase]:
     cases += [_decode_case("15b", b, 4096, dt) for b in (1, 64) for dt in (torch.bfloat16, FP8)]
     cases += [_decode_case("340b-tp8", 64, 4096, dt) for dt in (torch.bfloat16, FP8)]
     cases += [_prefill_case("15b", 1, 4096), _prefill_case("340b-tp8", 1, 4096)]
+    cases += [_gemm_case(name, m, tma=True) for m in (4096, 256) for name in ("15b qkv", "15b up", "15b down",
+                                                                            "340b-tp8 down")]
     return cases
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
 
-def _warm_tasks(cases: list[SweepCase], chunk: int = 3) -> list[tuple[int, list[int]]]:
-    """(case index, config indices) for the pool: the first case of each compile group, configs in chunks."""
+def _warm_tasks(cases: list[SweepCase], chunk: int = 3, selected: list[int] | None = None
+                ) -> list[tuple[int, list[int]]]:
+    """(case index, config indices) for the pool: the first case of each compile group, configs in chunks; only the
+    cases whose indices are in `selected` (indices into `cases`, all by default)."""
     tasks, seen = [], set()
     for i, case in enumerate(cases):
-        if case.compile_group in seen:
+        if (selected is not None and i not in selected) or case.compile_group in seen:
             continue
         seen.add(case.compile_group)
         indices = list(range(len(case.configs)))
@@ -332,16 +344,25 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm()) / (float(ref.norm()) + 1e-30)
 
 
-def run_sweep(emit: Callable[[dict], None], workers: int | None = None) -> dict:
+def run_sweep(emit: Callable[[dict], None], workers: int | None = None, kernels: set[str] | None = None,
+              skip_kernels: frozenset[str] = frozenset()) -> dict:
+    """Time every case's configs (only the cases of `kernels` when given, none of `skip_kernels`)."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    cases = sweep_cases()
+    all_cases = sweep_cases()
+    selected = [i for i, c in enumerate(all_cases)
+                if (kernels is None or c.kernel in kernels) and c.kernel not in skip_kernels]
+    cases = [all_cases[i] for i in selected]
     result: dict = {"cases": []}
     workers = workers or max(1, min(14, (os.cpu_count() or 2) - 2))
     if workers > 1:
         start = time.perf_counter()
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_warm, _warm_tasks(cases)))
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(pool.map(_warm, _warm_tasks(all_cases, selected=selected)))
+        except Exception as e:  # noqa: BLE001 — a worker that died (a kernel fault) costs the warm-up only: the
+            # timing pass below compiles what is missing, one case at a time
+            result["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         result["compile_s"] = round(time.perf_counter() - start, 1)
         result["compile_workers"] = workers
         emit(result)

@@ -39,7 +39,7 @@ def test_gpu_suite_sweep_smoke(tmp_path):
     """The sweep step on tiny shapes: every config is timed, checked against the default config's output and the
     best is reported."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--steps", "sweep",
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--steps", "sweep,sweep_tma",
                            "--output", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sweep = json.loads((tmp_path / "gpu_suite.json").read_text())["sweep"]
@@ -47,7 +47,10 @@ def test_gpu_suite_sweep_smoke(tmp_path):
     kernels = {case["kernel"] for case in sweep["cases"]}
     assert kernels == {"fp8_gemm", "fp8_gemm_grouped_a", "fp8_gemv_experimental", "mlp_up_fp8", "decode_attention",
                        "prefill_attention"}
-    for case in sweep["cases"]:
+    # The TMA variants run in a step (a process) of their own.
+    tma = json.loads((tmp_path / "gpu_suite.json").read_text())["sweep_tma"]
+    assert [case["kernel"] for case in tma["cases"]] == ["fp8_gemm_tma"]
+    for case in sweep["cases"] + tma["cases"]:
         assert case["default_ms"] > 0 and case["configs"]
         assert all(c["correct"] and c["ms"] > 0 for c in case["configs"]), case
         assert case["best"] in case["configs"]
