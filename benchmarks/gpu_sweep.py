@@ -96,7 +96,12 @@ def _gemm_tma_configs(m: int) -> list:
     was written, so their cases come last in the sweep (a fault there cannot cost the others)."""
     from kernels.fp8_gemm import GemmConfig
     if SMOKE:
-        return [GemmConfig(16, 32, 64, 1, 4, 2, tma=True)]
+        return [GemmConfig(16, 32, 64, 1, 4, 2, tma=True), GemmConfig(16, 32, 64, 1, 4, 4, split_k=2, tma=True)]
+    if m == 1:
+        # GEMVs: TMA streams the weight through a deep ring of shared-memory buffers (8-12 stages of 10-18 KiB);
+        # split-K for grids that leave SMs idle (340B-TP8 qkv: 42 or 21 tiles).
+        return [GemmConfig(16, bn, 128, 1, 4, s, split_k=k, tma=True) for bn, s in ((64, 8), (64, 12), (128, 8))
+                for k in (1, 2, 4)]
     tma = [GemmConfig(bm, bn, 128, 8, w, s, promote=p, tma=True) for bm, bn, w, s in
            [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)] for p in (0, 1, 2)]
     tma += [GemmConfig(128, bn, 128, 8, w, s, promote=p, tma=True, warp_specialize=True) for bn, w, s in
@@ -295,6 +300,7 @@ def sweep_cases() -> list[SweepCase]:
     cases += [_prefill_case("15b", 1, 4096), _prefill_case("340b-tp8", 1, 4096)]
     cases += [_gemm_case(name, m, tma=True) for m in (4096, 256) for name in ("15b qkv", "15b up", "15b down",
                                                                             "340b-tp8 down")]
+    cases += [_gemm_case(name, 1, tma=True) for name in _GEMM_SHAPES]
     return cases
 
 

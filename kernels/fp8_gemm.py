@@ -45,11 +45,13 @@ table is a starting point to be tuned with benchmarks/gpu_suite.py.
 Program order is grouped (GROUP_M M-tiles walk the N tiles together) so that prefill re-reads weight tiles from L2.
 
 A second kernel, `_fp8_gemm_tma_kernel` (GemmConfig.tma; no table entry uses it yet), is prepared for the GPU sweep
-at prefill sizes, where the pointer kernel runs at 0.58-0.70x torch._scaled_mm: A and B tiles come by TMA copies
-from host-built descriptors (no address math or masks in the K loop; TMA fills zeros past M, N and K), in a
-persistent grid of one program per SM, optionally with Triton's Hopper warp specialization of the tile loop. It
-takes every scale mode and promotion; operands a descriptor cannot describe (an inner stride other than 1, a row
-stride or base not 16-byte aligned), split-K and BLOCK_K > 128 fall back to the pointer kernel with the same tiles.
+at prefill sizes, where the pointer kernel runs at 0.58-0.70x torch._scaled_mm, and for the M = 1 GEMVs, which
+stream weights at 2.2-2.9 of 4.3 TB/s: A and B tiles come by TMA copies from host-built descriptors into a ring
+of num_stages shared-memory buffers (bulk asynchronous copies: no per-thread address math, masks or register
+staging in the K loop; TMA fills zeros past M, N and K), in a persistent grid of one program per SM (per split),
+optionally with Triton's Hopper warp specialization of the tile loop. It takes every scale mode, promotion and
+split-K; operands a descriptor cannot describe (an inner stride other than 1, a row stride or base not 16-byte
+aligned) and BLOCK_K > 128 fall back to the pointer kernel with the same tiles.
 Compiled for sm_90 (tests compile every table entry ahead of time on the CPU): BLOCK_M >= 64 runs native fp8
 wgmma; the 16/32-row decode tiles lower to mma.sync with fp8 -> f16 conversion in registers, which costs ALU time
 that a weight-streaming decode GEMM has to spare. No entry spills registers.
@@ -240,22 +242,26 @@ def _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, offs_m, offs_n, M, N,
 
 
 @triton.jit
-def _fp8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, num_programs,
-                         stride_cm, stride_cn, stride_asm, stride_asg, stride_bs,
+def _fp8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, k_per_split, num_programs,
+                         stride_cs, stride_cm, stride_cn, stride_asm, stride_asg, stride_bs,
                          A_MODE: tl.constexpr, B_PER_CHANNEL: tl.constexpr, GROUP_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          PROMOTE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """Persistent: program p takes tiles p, p + num_programs, ... in grouped order. a_desc / b_desc are TMA
-    descriptors of a [M, K] and b [N, K] with [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K] boxes; a box reaching past
-    M, N or K reads zeros, so the K loop has no masks."""
+    """Persistent: grid (programs, SPLIT_K); program p of split s takes tiles p, p + num_programs, ... in grouped
+    order over K range [s * k_per_split, (s + 1) * k_per_split), writing its scaled partial to c + s * stride_cs
+    as the pointer kernel does. a_desc / b_desc are TMA descriptors of a [M, K] and b [N, K] with [BLOCK_M,
+    BLOCK_K] / [BLOCK_N, BLOCK_K] boxes; a box reaching past M, N or K reads zeros, so the K loop has no masks."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=not WARP_SPECIALIZE,
                          warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             a = a_desc.load([pid_m * BLOCK_M, k0])                            # [BM, BK]
             b = b_desc.load([pid_n * BLOCK_N, k0])                            # [BN, BK]
             if PROMOTE == 0:
@@ -269,8 +275,8 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, M, N, 
                 acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=tl.float32)
             else:
                 acc = tl.dot(a, b.T, acc, out_dtype=tl.float32)
-        _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
-                         stride_asm, stride_bs, A_MODE, B_PER_CHANNEL)
+        _scale_and_store(acc, c_ptr + pid_k.to(tl.int64) * stride_cs, a_scale_ptr, b_scale_ptr, offs_m, offs_n,
+                         M, N, stride_cm, stride_cn, stride_asm, stride_bs, A_MODE, B_PER_CHANNEL)
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -352,22 +358,30 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
     cfg = cfg or pick_config(M, N, K, a.device)
     if a_mode == A_GROUP and cfg.promote:
         raise ValueError("fp8_gemm: group scales are applied per tile, which needs promote = 0")
-    if cfg.tma and _tma_ready(a, b, cfg):
-        return _fp8_gemm_tma_launch(a, b, a_s, b_s, a_mode, b_per_channel, out, cfg)
     k_tiles = triton.cdiv(K, cfg.block_k)
     split = min(cfg.split_k, max(k_tiles, 1))
     k_per_split = max(triton.cdiv(k_tiles, split), 1) * cfg.block_k
     split = max(triton.cdiv(K, k_per_split), 1)  # no empty splits
     c = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=a.device)
     stride_cs = 0 if split == 1 else c.stride(0)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
-    _fp8_gemm_kernel[grid](
-        a, b, c, a_s, b_s, M, N, K, k_per_split,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_cs, c.stride(-2), c.stride(-1),
-        a_s.stride(0), a_s.stride(1) if a_mode == A_GROUP else 0, b_s.stride(0),
-        A_MODE=a_mode, B_PER_CHANNEL=b_per_channel, EVEN_K=K % cfg.block_k == 0, GROUP_K=GROUP_K,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PROMOTE=cfg.promote,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    scale_args = (a_s.stride(0), a_s.stride(1) if a_mode == A_GROUP else 0, b_s.stride(0))
+    meta = dict(A_MODE=a_mode, B_PER_CHANNEL=b_per_channel, GROUP_K=GROUP_K, BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PROMOTE=cfg.promote,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if cfg.tma and _tma_ready(a, b, cfg):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [cfg.block_m, cfg.block_k])
+        b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [cfg.block_n, cfg.block_k])
+        programs = min(tiles, max(_num_sms(a.device) // split, 1))
+        _fp8_gemm_tma_kernel[(programs, split)](
+            a_desc, b_desc, c, a_s, b_s, M, N, K, k_per_split, programs, stride_cs, c.stride(-2), c.stride(-1),
+            *scale_args, WARP_SPECIALIZE=cfg.warp_specialize, **meta)
+    else:
+        _fp8_gemm_kernel[(tiles, split)](
+            a, b, c, a_s, b_s, M, N, K, k_per_split,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_cs, c.stride(-2), c.stride(-1),
+            *scale_args, EVEN_K=K % cfg.block_k == 0, **meta)
     if split > 1:
         out.copy_(c.sum(dim=0))                                               # [SPLIT, M, N] -> [M, N]
     return out
@@ -375,25 +389,8 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
 
 def _tma_ready(a: torch.Tensor, b: torch.Tensor, cfg: GemmConfig) -> bool:
     """Whether a TMA config can run on these operands; otherwise the pointer kernel takes the same tiles. A TMA
-    descriptor needs a unit inner stride, 16-byte aligned outer strides and base addresses; split-K is not
-    implemented for it (prefill sizes fill the SMs without it)."""
-    if cfg.block_k > 128 or cfg.split_k > 1:
+    descriptor needs a unit inner stride, 16-byte aligned outer strides and base addresses, and a box row of at most
+    the 128-byte swizzle (BLOCK_K <= 128)."""
+    if cfg.block_k > 128:
         return False
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
-
-
-def _fp8_gemm_tma_launch(a: torch.Tensor, b: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor, a_mode: int,
-                         b_per_channel: bool, out: torch.Tensor, cfg: GemmConfig) -> torch.Tensor:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    (M, K), N = a.shape, b.shape[0]
-    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [cfg.block_m, cfg.block_k])
-    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [cfg.block_n, cfg.block_k])
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    programs = min(tiles, _num_sms(a.device))
-    _fp8_gemm_tma_kernel[(programs,)](
-        a_desc, b_desc, out, a_s, b_s, M, N, K, programs, out.stride(0), out.stride(1),
-        a_s.stride(0), a_s.stride(1) if a_mode == A_GROUP else 0, b_s.stride(0),
-        A_MODE=a_mode, B_PER_CHANNEL=b_per_channel, GROUP_K=GROUP_K, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PROMOTE=cfg.promote, WARP_SPECIALIZE=cfg.warp_specialize,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out

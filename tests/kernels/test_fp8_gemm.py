@@ -209,6 +209,9 @@ TMA_CASES = [
     (GemmConfig(32, 32, 64, 2, 4, 3, tma=True), 37, 72, 208),
     (GemmConfig(64, 64, 128, 8, 4, 3, tma=True, warp_specialize=True), 130, 200, 400),
     (GemmConfig(16, 16, 32, 1, 4, 2, tma=True), 140, 270, 48),
+    # Decode GEMVs: split-K (a ragged last split) and a split whose K range ends inside its last box.
+    (GemmConfig(16, 32, 64, 1, 4, 8, split_k=3, tma=True), 1, 72, 464),
+    (GemmConfig(16, 64, 128, 1, 4, 8, split_k=2, tma=True), 5, 200, 400),
 ]
 
 
@@ -228,7 +231,6 @@ def test_tma_persistent_kernel(cfg, M, N, K, promote):
 
 @pytest.mark.parametrize("why,M,N,K,cfg", [
     ("row stride not a multiple of 16 bytes", 9, 40, 200, GemmConfig(16, 32, 64, 1, 4, 2, tma=True)),
-    ("split-K", 9, 40, 512, GemmConfig(16, 32, 64, 1, 4, 2, split_k=2, tma=True)),
     ("a box row over the 128-byte swizzle", 9, 40, 512, GemmConfig(16, 32, 256, 1, 4, 2, tma=True)),
 ])
 def test_tma_config_falls_back_to_the_pointer_kernel(why, M, N, K, cfg):
@@ -275,12 +277,13 @@ def test_compiles_for_sm90_without_spills():
 
 
 def test_tma_variants_compile_for_sm90_without_spills():
-    """The sweep's TMA configs: TMA copies and wgmma, no spills; Hopper warp specialization with 4 warps splits off
-    a producer and rebalances registers (setmaxnreg)."""
+    """The sweep's TMA configs: TMA copies (and wgmma from 64 rows up), no spills; Hopper warp specialization with 4
+    warps splits off a producer and rebalances registers (setmaxnreg); the GEMV tiles' 8-12 stage rings fit."""
     variants = [GemmConfig(128, 128, 128, 8, 8, 4, promote=p, tma=True) for p in (0, 2)]
     variants += [GemmConfig(128, 256, 128, 8, 8, 3, tma=True), GemmConfig(64, 128, 128, 8, 4, 4, tma=True),
                  GemmConfig(128, 128, 128, 8, 4, 4, tma=True, warp_specialize=True),
-                 GemmConfig(128, 256, 128, 8, 8, 3, promote=2, tma=True, warp_specialize=True)]
+                 GemmConfig(128, 256, 128, 8, 8, 3, promote=2, tma=True, warp_specialize=True),
+                 GemmConfig(16, 64, 128, 1, 4, 12, tma=True), GemmConfig(16, 128, 128, 1, 4, 8, tma=True)]
     jobs = []
     for i, cfg in enumerate(variants):
         a_mode = 2 if i == 3 else 1
@@ -291,10 +294,12 @@ def test_tma_variants_compile_for_sm90_without_spills():
                       "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"},
             "constexprs": {"stride_cn": 1, "A_MODE": a_mode, "B_PER_CHANNEL": True, "GROUP_K": GROUP_K,
                            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                           "GROUP_M": cfg.group_m, "PROMOTE": cfg.promote, "WARP_SPECIALIZE": cfg.warp_specialize},
-            "divisible": ["N", "K", "stride_cm"], "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                           "GROUP_M": cfg.group_m, "PROMOTE": cfg.promote, "WARP_SPECIALIZE": cfg.warp_specialize,
+                           **({"M": 1} if cfg.block_m == 16 else {})},   # a decode GEMV: M == 1 specializes
+            "divisible": ["N", "K", "k_per_split", "stride_cm"], "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
             "label": f"{cfg} a_mode={a_mode}"})
-    for job, res in zip(jobs, aot_compile_sm90(jobs, raise_on_error=False)):
+    for cfg, job, res in zip(variants, jobs, aot_compile_sm90(jobs, raise_on_error=False)):
         ws_4_warps = job["constexprs"]["WARP_SPECIALIZE"] and job["num_warps"] == 4
         if ws_4_warps and not res["triton"].startswith("3.6."):
             # Triton 3.9's pass pipeline rejects this one ("PassManager::run failed"); 3.6.0, the GPU machine's,
@@ -303,7 +308,8 @@ def test_tma_variants_compile_for_sm90_without_spills():
             continue
         assert "error" not in res, res
         assert res["local"] == 0 and res["shared"] <= SM90_SHARED_BYTES, res
-        assert res["wgmma"] and res["tma"], res
+        # 16-row GEMV tiles lower to mma.sync (as in the pointer kernel); TMA feeds both.
+        assert res["tma"] and res["wgmma"] == (cfg.block_m >= 64), res
         assert res["setmaxnreg"] == ws_4_warps, res
 
 
@@ -350,6 +356,22 @@ def test_gpu_tma_variants(name, cfg):
     sb = _b_scale("channel", N, device="cuda")
     for a_mode in ["token"] + (["group"] if cfg.promote == 0 else []):
         sa = _a_scale(a_mode, M, K, device="cuda")
+        out = _fp8_gemm_launch(a, b, sa, sb, torch.bfloat16, cfg)
+        _assert_close(out, fp8_gemm_ref(a, b, sa, sb, torch.bfloat16), _magnitude(a, b, sa, sb), torch.bfloat16,
+                      ATOL_GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [GemmConfig(16, 64, 128, 1, 4, 12, tma=True),
+                                 GemmConfig(16, 128, 128, 1, 4, 8, split_k=2, tma=True)], ids=["64x12", "128x8-split2"])
+@pytest.mark.parametrize("name", list(MODEL_SHAPES))
+def test_gpu_tma_gemv(name, cfg):
+    """The sweep's TMA GEMVs (M = 1) on every model projection, per-token and group scales."""
+    N, K = MODEL_SHAPES[name]
+    a, b = _operands(1, N, K, device="cuda")
+    sb = _b_scale("channel", N, device="cuda")
+    for a_mode in ("token", "group"):
+        sa = _a_scale(a_mode, 1, K, device="cuda")
         out = _fp8_gemm_launch(a, b, sa, sb, torch.bfloat16, cfg)
         _assert_close(out, fp8_gemm_ref(a, b, sa, sb, torch.bfloat16), _magnitude(a, b, sa, sb), torch.bfloat16,
                       ATOL_GPU)
