@@ -174,8 +174,9 @@ def _gemv_case(name: str) -> SweepCase:
                      compile_group="fp8_gemv_experimental")
 
 
-def _mlp_up_case(model: str, m: int) -> SweepCase:
-    """The fused MLP's up projection (relu^2 and the per-group FP8 quantization in its epilogue)."""
+def _mlp_up_case(model: str, m: int, tma: bool = False) -> SweepCase:
+    """The fused MLP's up projection (relu^2 and the per-group FP8 quantization in its epilogue); tma: its TMA-fed
+    variants (the sweep_tma step)."""
     from kernels.fp8_gemm import GROUP_K, GemmConfig
     from kernels.mlp import _up_squared_relu_fp8
     h, inter = {"15b": (6144, 24576), "340b-tp8": (18432, 9216), "tiny": (256, 512)}[model]
@@ -189,11 +190,17 @@ def _mlp_up_case(model: str, m: int) -> SweepCase:
         return h_fp8.float() * h_scale.repeat_interleave(GROUP_K, dim=1)[:, :inter]
 
     bm = 16 if m <= 16 else 64
-    configs = ([GemmConfig(16, GROUP_K, 64, 1, 4, 2)] if SMOKE else
-               [GemmConfig(bm, GROUP_K, bk, 1, w, s) for bk in (64, 128, 256) for w in (2, 4, 8) for s in (3, 4, 5, 6)
-                if not (bk == 256 and s > 4)])
-    return SweepCase("mlp_up_fp8", f"{model} M={m} H={h} I={inter}", make, run, configs,
-                     compile_group=f"mlp_up_fp8 M={m}" if m == 1 else f"mlp_up_fp8 bucket={bm}")
+    if tma:  # 128-deep boxes (TMA's 128-byte rows) in rings of 4-12 stages
+        configs = ([GemmConfig(16, GROUP_K, 64, 1, 4, 3, tma=True)] if SMOKE else
+                   [GemmConfig(bm, GROUP_K, 128, 1, w, s, tma=True) for w in (4, 8) for s in (4, 8, 12)
+                    if (bm + GROUP_K) * 128 * s <= 200 * 1024])
+    else:
+        configs = ([GemmConfig(16, GROUP_K, 64, 1, 4, 2)] if SMOKE else
+                   [GemmConfig(bm, GROUP_K, bk, 1, w, s) for bk in (64, 128, 256) for w in (2, 4, 8)
+                    for s in (3, 4, 5, 6) if not (bk == 256 and s > 4)])
+    kernel = "mlp_up_fp8_tma" if tma else "mlp_up_fp8"
+    return SweepCase(kernel, f"{model} M={m} H={h} I={inter}", make, run, configs,
+                     compile_group=f"{kernel} M={m}" if m == 1 else f"{kernel} bucket={bm}")
 
 
 # ---- decode attention --------------------------------------------------------------------------------------------
@@ -288,7 +295,8 @@ def _prefill_case(model: str, seqs: int, seq_len: int) -> SweepCase:
 def sweep_cases() -> list[SweepCase]:
     if SMOKE:
         return [_gemm_case("tiny", 1), _gemm_grouped_case("tiny", 1), _gemv_case("tiny"), _mlp_up_case("tiny", 1),
-                _decode_case("tiny", 2, 64, FP8), _prefill_case("tiny", 1, 64), _gemm_case("tiny", 1, tma=True)]
+                _decode_case("tiny", 2, 64, FP8), _prefill_case("tiny", 1, 64), _gemm_case("tiny", 1, tma=True),
+                _mlp_up_case("tiny", 1, tma=True)]
     cases = [_gemm_case(name, m) for m in (1, 16) for name in _GEMM_SHAPES]
     cases += [_gemm_case(name, 64) for name in ("15b qkv", "15b up", "340b-tp8 down")]
     cases += [_gemm_case(name, m) for m in (256, 4096) for name in ("15b qkv", "15b up", "15b down", "340b-tp8 down")]
@@ -301,6 +309,7 @@ def sweep_cases() -> list[SweepCase]:
     cases += [_gemm_case(name, m, tma=True) for m in (4096, 256) for name in ("15b qkv", "15b up", "15b down",
                                                                             "340b-tp8 down")]
     cases += [_gemm_case(name, 1, tma=True) for name in _GEMM_SHAPES]
+    cases += [_mlp_up_case(model, m, tma=True) for m in (1, 16, 64) for model in ("15b", "340b-tp8")]
     return cases
 
 

@@ -159,20 +159,29 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 def _fp8_dot_k_range(a_ptr, b_ptr, a_scale_ptr, rm, rn, k_lo, k_hi,
                      stride_am, stride_ak, stride_bn, stride_bk, stride_asm, stride_asg,
                      A_GROUPED: tl.constexpr, EVEN_K: tl.constexpr, GROUP_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE: tl.constexpr,
+                     TMA: tl.constexpr = False, off_m=0, off_n=0):
     """sum over k in [k_lo, k_hi) of a[rm, k] * b[rn, k] as an fp32 [BLOCK_M, BLOCK_N] tile; rm, rn are in-bounds
     (callers wrap them modulo M, N), k_lo is a multiple of BLOCK_K. With A_GROUPED each GROUP_K-wide slice is
     multiplied by its rows' group scale a_scale[rm, k // GROUP_K] before it is added: a BLOCK_K deeper than the
     group is walked as BLOCK_K // GROUP_K slices of GROUP_K, each its own loads and dot, so one loop iteration still
-    keeps BLOCK_K of K in flight (the 256-deep decode tiles), while each dot sees one group."""
+    keeps BLOCK_K of K in flight (the 256-deep decode tiles), while each dot sees one group.
+
+    TMA: a_ptr and b_ptr are TMA descriptors of a [M, K] and b [N, K] with [BLOCK_M, BLOCK_K] and [BLOCK_N,
+    BLOCK_K] boxes (BLOCK_K <= 128, so one slice); the tile's rows start at off_m and off_n, and a box reaching past
+    M, N or K reads zeros, so the loads need no masks and the strides are unused."""
     SUB_K: tl.constexpr = GROUP_K if (A_GROUPED and BLOCK_K > GROUP_K) else BLOCK_K
     rk = tl.arange(0, SUB_K)
-    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + (k_lo + rk)[None, :] * stride_ak   # [BM, SUB_K]
-    b_ptrs = b_ptr + rn.to(tl.int64)[None, :] * stride_bn + (k_lo + rk)[:, None] * stride_bk   # [SUB_K, BN]
+    if not TMA:
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + (k_lo + rk)[None, :] * stride_ak   # [BM, SUB_K]
+        b_ptrs = b_ptr + rn.to(tl.int64)[None, :] * stride_bn + (k_lo + rk)[:, None] * stride_bk   # [SUB_K, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         for sub in tl.static_range(BLOCK_K // SUB_K):
-            if EVEN_K:
+            if TMA:
+                a = a_ptr.load([off_m, k0])                                     # [BM, BK]
+                b = b_ptr.load([off_n, k0]).T                                   # [BK, BN]
+            elif EVEN_K:
                 a = tl.load(a_ptrs + sub * SUB_K * stride_ak)
                 b = tl.load(b_ptrs + sub * SUB_K * stride_bk)
             else:
@@ -192,8 +201,9 @@ def _fp8_dot_k_range(a_ptr, b_ptr, a_scale_ptr, rm, rn, k_lo, k_hi,
                 acc = tl.dot(a, b, acc, max_num_imprecise_acc=SUB_K, out_dtype=tl.float32)
             else:
                 acc = tl.dot(a, b, acc, out_dtype=tl.float32)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        if not TMA:
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
@@ -260,21 +270,9 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, M, N, 
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            a = a_desc.load([pid_m * BLOCK_M, k0])                            # [BM, BK]
-            b = b_desc.load([pid_n * BLOCK_N, k0])                            # [BN, BK]
-            if PROMOTE == 0:
-                part = tl.dot(a, b.T, out_dtype=tl.float32)                   # promotion every BLOCK_K, as above
-                if A_MODE == 2:
-                    # BLOCK_K <= 128 divides the group; rows past M read the last row's scale (never stored).
-                    scale_ptrs = a_scale_ptr + (offs_m % M) * stride_asm + (k0 // GROUP_K) * stride_asg
-                    part = part * tl.load(scale_ptrs)[:, None]
-                acc += part
-            elif PROMOTE == 1:
-                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=tl.float32)
-            else:
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.float32)
+        acc = _fp8_dot_k_range(a_desc, b_desc, a_scale_ptr, offs_m % M, offs_n % N, k_lo, k_hi,
+                               0, 0, 0, 0, stride_asm, stride_asg, A_MODE == 2, True, GROUP_K,
+                               BLOCK_M, BLOCK_N, BLOCK_K, PROMOTE, True, pid_m * BLOCK_M, pid_n * BLOCK_N)
         _scale_and_store(acc, c_ptr + pid_k.to(tl.int64) * stride_cs, a_scale_ptr, b_scale_ptr, offs_m, offs_n,
                          M, N, stride_cm, stride_cn, stride_asm, stride_bs, A_MODE, B_PER_CHANNEL)
 
@@ -370,9 +368,7 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if cfg.tma and _tma_ready(a, b, cfg):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [cfg.block_m, cfg.block_k])
-        b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [cfg.block_n, cfg.block_k])
+        a_desc, b_desc = _tma_descriptors(a, b, cfg)
         programs = min(tiles, max(_num_sms(a.device) // split, 1))
         _fp8_gemm_tma_kernel[(programs, split)](
             a_desc, b_desc, c, a_s, b_s, M, N, K, k_per_split, programs, stride_cs, c.stride(-2), c.stride(-1),
@@ -394,3 +390,11 @@ def _tma_ready(a: torch.Tensor, b: torch.Tensor, cfg: GemmConfig) -> bool:
     if cfg.block_k > 128:
         return False
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
+
+
+def _tma_descriptors(a: torch.Tensor, b: torch.Tensor, cfg: GemmConfig) -> tuple:
+    """Host-side TMA descriptors of a [M, K] and b [N, K] with [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K] boxes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    (M, K), N = a.shape, b.shape[0]
+    return (TensorDescriptor(a, [M, K], [a.stride(0), 1], [cfg.block_m, cfg.block_k]),
+            TensorDescriptor(b, [N, K], [b.stride(0), 1], [cfg.block_n, cfg.block_k]))

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_gemm import (A_TOKEN, FP8_DTYPE, GROUP_K, OUT_DTYPES, GemmConfig, _fp8_dot_k_range,
-                              _grouped_tile, fp8_gemm, fp8_gemm_ref, parse_scales)
+                              _grouped_tile, _tma_descriptors, _tma_ready, fp8_gemm, fp8_gemm_ref, parse_scales)
 from kernels.triton_utils import interpreting
 from kernels.fp8_quant import EPS, FP8_MAX, _e4m3_ref, _quantize_e4m3, _scale_from_amax, ieee_div
 
@@ -114,9 +114,10 @@ def _up_squared_relu_fp8_kernel(x_ptr, w_ptr, h_ptr, hs_ptr, xs_ptr, ws_ptr, M, 
                                 stride_hsm, stride_hsg, stride_xs, stride_ws,
                                 X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr,
                                 EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr):
     """h = relu((x * xs) @ (w * ws).T) ** 2 for one [BLOCK_M, BLOCK_N = 128] tile, quantized in the epilogue:
-    hs[m, pid_n] = max(amax(h[m, tile]), EPS) / 448, h_fp8 = e4m3(h / hs)."""
+    hs[m, pid_n] = max(amax(h[m, tile]), EPS) / 448, h_fp8 = e4m3(h / hs). TMA: x_ptr and w_ptr are TMA
+    descriptors (GemmConfig.tma, for the GPU sweep; kernels/fp8_gemm.py)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,7 +125,7 @@ def _up_squared_relu_fp8_kernel(x_ptr, w_ptr, h_ptr, hs_ptr, xs_ptr, ws_ptr, M, 
     rn = offs_n % N
     acc = _fp8_dot_k_range(x_ptr, w_ptr, xs_ptr, rm, rn, 0, K,
                            stride_xm, stride_xk, stride_wn, stride_wk, 0, 0,
-                           False, EVEN_K, BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_K, 0)
+                           False, EVEN_K, BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_K, 0, TMA, pid_m * BLOCK_M, pid_n * BLOCK_N)
     if X_PER_TOKEN:
         acc = acc * tl.load(xs_ptr + rm * stride_xs)[:, None]
     else:
@@ -259,12 +260,14 @@ def _up_squared_relu_fp8(x_fp8, x_scale, up_w_fp8, up_scale, cfg: GemmConfig | N
         if cfg.block_n != GROUP_K:  # one tile is one quantization group
             raise ValueError(f"squared_relu_mlp_fp8: BLOCK_N {cfg.block_n} must be the group width {GROUP_K}")
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(inter, cfg.block_n),)
+        tma = cfg.tma and _tma_ready(x_fp8, up_w_fp8, cfg)   # else the pointer loads, same tiles
+        x_arg, w_arg = _tma_descriptors(x_fp8, up_w_fp8, cfg) if tma else (x_fp8, up_w_fp8)
         _up_squared_relu_fp8_kernel[grid](
-            x_fp8, up_w_fp8, h, h_scale, x_s, w_s, M, inter, H,
+            x_arg, w_arg, h, h_scale, x_s, w_s, M, inter, H,
             x_fp8.stride(0), x_fp8.stride(1), up_w_fp8.stride(0), up_w_fp8.stride(1), h.stride(0), h.stride(1),
             h_scale.stride(0), h_scale.stride(1), x_s.stride(0), w_s.stride(0),
             X_PER_TOKEN=x_per_token, W_PER_CHANNEL=w_per_channel, EVEN_K=H % cfg.block_k == 0, EPS=EPS,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, TMA=tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return h, h_scale
 

@@ -13,12 +13,13 @@ Tolerances (see the module docstring of kernels/mlp.py):
 """
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import pytest
 import torch
 
-from kernels.fp8_gemm import fp8_gemm
+from kernels.fp8_gemm import GemmConfig, fp8_gemm
 from kernels.fp8_quant import EPS, FP8_MAX, quantize_fp8_per_token
 from kernels.mlp import (_BF16_BUCKETS, _FP8_BUCKETS, FP8_DTYPE, _up_squared_relu_fp8, _up_squared_relu_fp8_ref,
                          squared_relu_mlp, squared_relu_mlp_fp8, squared_relu_mlp_fp8_ref, squared_relu_mlp_ref)
@@ -253,6 +254,25 @@ def test_bad_inputs_raise():
         squared_relu_mlp_fp8_ref(xq.float(), xs, upq, ups, downq, downs)
 
 
+@pytest.mark.parametrize("M,H,inter,cfg", [
+    (1, 208, 384, GemmConfig(16, 128, 64, 1, 4, 8, tma=True)),      # K off the box: the last box reads zeros
+    (70, 256, 200, GemmConfig(64, 128, 128, 8, 4, 3, tma=True)),    # I off the group: columns past I read zeros
+])
+def test_fp8_up_projection_with_tma_loads(M, H, inter, cfg):
+    """The up kernel fed by TMA descriptors (the GPU sweep's variant) computes exactly what the pointer loads do:
+    the same tiles and epilogue, so the same intermediate codes and scales."""
+    from tests.kernels.launch_capture import capture_launches
+    xq, xs, upq, ups, _, _ = _fp8_operands(M, H, inter, "token", "channel")
+    with capture_launches() as cap:
+        _up_squared_relu_fp8(xq, xs, upq, ups, cfg)
+    assert cap.launches[0].args["TMA"] is True
+    h, hs = _up_squared_relu_fp8(xq, xs, upq, ups, cfg)
+    h_ptr, hs_ptr = _up_squared_relu_fp8(xq, xs, upq, ups, dataclasses.replace(cfg, tma=False))
+    assert torch.equal(hs, hs_ptr) and torch.equal(h.view(torch.uint8), h_ptr.view(torch.uint8))
+    h_ref, hs_ref = _up_squared_relu_fp8_ref(xq, xs, upq, ups)
+    torch.testing.assert_close(hs, hs_ref, rtol=1e-4, atol=0)
+
+
 def test_compiles_for_sm90_without_spills():
     """Both up-projection kernels, every table entry, compiled for sm_90 (see tests/kernels/test_fp8_gemm.py)."""
     jobs = []
@@ -273,9 +293,21 @@ def test_compiles_for_sm90_without_spills():
             "constexprs": {"stride_xk": 1, "stride_wk": 1, "stride_hn": 1, "stride_hsg": 1, "stride_xs": 1,
                            "stride_ws": 1, "X_PER_TOKEN": True, "W_PER_CHANNEL": True, "EVEN_K": True, "EPS": EPS,
                            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                           "GROUP_M": cfg.group_m},
+                           "GROUP_M": cfg.group_m, "TMA": False},
             "divisible": ["N", "K", "stride_xm", "stride_wn", "stride_hm"],
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "label": f"fp8 M<={bound}"})
+    # The sweep's TMA variants of the FP8 up kernel: descriptors in place of x and w.
+    for cfg in (GemmConfig(16, 128, 128, 1, 4, 8, tma=True), GemmConfig(64, 128, 128, 8, 4, 4, tma=True)):
+        jobs.append({
+            "module": "kernels.mlp", "kernel": "_up_squared_relu_fp8_kernel",
+            "types": {"x_ptr": f"tensordesc<fp8e4nv[{cfg.block_m}, {cfg.block_k}]>",
+                      "w_ptr": f"tensordesc<fp8e4nv[{cfg.block_n}, {cfg.block_k}]>", "h_ptr": "*fp8e4nv",
+                      "hs_ptr": "*fp32", "xs_ptr": "*fp32", "ws_ptr": "*fp32"},
+            "constexprs": {"stride_hn": 1, "stride_hsg": 1, "stride_xs": 1, "stride_ws": 1, "X_PER_TOKEN": True,
+                           "W_PER_CHANNEL": True, "EVEN_K": True, "EPS": EPS, "BLOCK_M": cfg.block_m,
+                           "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "TMA": True},
+            "divisible": ["N", "K", "stride_hm"], "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+            "label": f"fp8 tma {cfg}"})
     for job, res in zip(jobs, aot_compile_sm90(jobs)):
         assert res["local"] == 0 and res["shared"] <= SM90_SHARED_BYTES, res
         assert res["wgmma"] == (job["constexprs"]["BLOCK_M"] >= 64), res
@@ -335,3 +367,17 @@ def test_bound_report_reads_fp8_intermediates():
     out, ref = torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 2.0]])
     text = _bound_report(out, ref, torch.full_like(ref, 0.5), torch.ones_like(ref), h, h_ref)
     assert "1 of 2 outputs over the bound" in text and "1 of 4 differ from the reference's, max 1 ulps" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 64])
+@pytest.mark.parametrize("name", list(MODEL_MLPS))
+def test_gpu_tma_up_projection(name, M):
+    """The sweep's TMA-fed up kernel on the model shapes, with the pointer kernel's bounds (test_gpu_model_shapes)."""
+    H, inter = MODEL_MLPS[name]
+    cfg = GemmConfig(16 if M == 1 else 64, 128, 128, 1, 4, 8 if M == 1 else 4, tma=True)
+    xq, xs, upq, ups, _, _ = _fp8_operands(M, H, inter, "token", "channel", device="cuda")
+    h, hs = _up_squared_relu_fp8(xq, xs, upq, ups, cfg)
+    h_ref, hs_ref = _up_squared_relu_fp8_ref(xq, xs, upq, ups)
+    torch.testing.assert_close(hs, hs_ref, rtol=1e-3, atol=0)
+    assert (h.view(torch.uint8) != h_ref.view(torch.uint8)).float().mean().item() < 2e-2
