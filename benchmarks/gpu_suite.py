@@ -103,7 +103,7 @@ def step_rank_slice(smoke: bool, emit) -> dict:
     return rank_slice_run((2, 6), [1, 16, 64], "triton", "bfloat16", 128, 32, "fp8", emit)
 
 
-_TMA_KERNELS = frozenset({"fp8_gemm_tma", "mlp_up_fp8_tma"})
+_TMA_KERNELS = frozenset({"fp8_gemm_tma", "mlp_up_fp8_tma", "prefill_attention_tma"})
 
 
 def step_sweep(smoke: bool, emit) -> dict:

@@ -241,16 +241,19 @@ def _decode_case(model: str, batch: int, ctx: int, kv_dtype) -> SweepCase:
 
 # ---- prefill attention -------------------------------------------------------------------------------------------
 
-def _prefill_case(model: str, seqs: int, seq_len: int) -> SweepCase:
+def _prefill_case(model: str, seqs: int, seq_len: int, kv_tma: bool = False) -> SweepCase:
+    """Causal prefill of seqs x seq_len new tokens. kv_tma: a cache of 128-token blocks, on which K/V tiles can be
+    TMA boxes (the sweep_tma step): its default row is the production kernel on that same cache."""
     from kernels.paged_attention import _prefill_launch
     heads, kv_heads, d = {"15b": (48, 8, 128), "340b-tp8": (12, 1, 192), "tiny": (6, 1, 64)}[model]
     group = heads // kv_heads
+    block_size = 128 if kv_tma and not SMOKE else 32 if kv_tma else 16
 
     def make(device):
-        blocks = seqs * -(-seq_len // 16)
+        blocks = seqs * -(-seq_len // block_size)
         t = seqs * seq_len
-        kc = torch.randn(blocks, 16, kv_heads, d, device=device, dtype=torch.bfloat16)
-        vc = torch.randn(blocks, 16, kv_heads, d, device=device, dtype=torch.bfloat16)
+        kc = torch.randn(blocks, block_size, kv_heads, d, device=device, dtype=torch.bfloat16)
+        vc = torch.randn(blocks, block_size, kv_heads, d, device=device, dtype=torch.bfloat16)
         tables = torch.randperm(blocks, device=device).to(torch.int32).view(seqs, -1)
         q = torch.randn(t, heads, d, device=device, dtype=torch.bfloat16)
         qsl = torch.arange(0, t + 1, seq_len, dtype=torch.int32, device=device)
@@ -282,21 +285,26 @@ def _prefill_case(model: str, seqs: int, seq_len: int) -> SweepCase:
         return torch.nn.functional.scaled_dot_product_attention(qd, kd, kd, is_causal=True, enable_gqa=True)
 
     rows = (64, 128) if group <= 64 else (128,)
-    # Every tile twice: in launch order and with the longest (last) query tiles first (REVERSE).
-    configs = ([dict(BLOCK_R=32, BLOCK_N=16, num_warps=4, num_stages=2, REVERSE=rev) for rev in (False, True)]
-               if SMOKE else
-               [dict(BLOCK_R=r, BLOCK_N=n, num_warps=w, num_stages=s, REVERSE=rev) for r in rows for n in (32, 64, 128)
-                for w in (4, 8) for s in (2, 3, 4) for rev in (False, True)
-                if not (d > 128 and n == 128) and r >= group])
-    shape = f"{model} {seqs}x{seq_len} bf16"
-    return SweepCase("prefill_attention", shape, make, run, configs, baseline, compile_group=shape)
+    if kv_tma:  # whole-block TMA boxes for the unmasked tiles (BLOCK_N divides the 128-token blocks)
+        configs = ([dict(BLOCK_R=32, BLOCK_N=16, num_warps=4, num_stages=2, KV_TMA=True)] if SMOKE else
+                   [dict(BLOCK_R=r, BLOCK_N=n, num_warps=w, num_stages=s, KV_TMA=True) for r in rows
+                    for n in (32, 64, 128) for w in (4, 8) for s in (2, 3) if not (d > 128 and n == 128) and r >= group])
+    else:  # every tile twice: in launch order and with the longest (last) query tiles first (REVERSE)
+        configs = ([dict(BLOCK_R=32, BLOCK_N=16, num_warps=4, num_stages=2, REVERSE=rev) for rev in (False, True)]
+                   if SMOKE else
+                   [dict(BLOCK_R=r, BLOCK_N=n, num_warps=w, num_stages=s, REVERSE=rev) for r in rows
+                    for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4) for rev in (False, True)
+                    if not (d > 128 and n == 128) and r >= group])
+    shape = f"{model} {seqs}x{seq_len} bf16" + (f" block {block_size}" if kv_tma else "")
+    kernel = "prefill_attention_tma" if kv_tma else "prefill_attention"
+    return SweepCase(kernel, shape, make, run, configs, baseline, compile_group=shape)
 
 
 def sweep_cases() -> list[SweepCase]:
     if SMOKE:
         return [_gemm_case("tiny", 1), _gemm_grouped_case("tiny", 1), _gemv_case("tiny"), _mlp_up_case("tiny", 1),
                 _decode_case("tiny", 2, 64, FP8), _prefill_case("tiny", 1, 64), _gemm_case("tiny", 1, tma=True),
-                _mlp_up_case("tiny", 1, tma=True)]
+                _mlp_up_case("tiny", 1, tma=True), _prefill_case("tiny", 1, 64, kv_tma=True)]
     cases = [_gemm_case(name, m) for m in (1, 16) for name in _GEMM_SHAPES]
     cases += [_gemm_case(name, 64) for name in ("15b qkv", "15b up", "340b-tp8 down")]
     cases += [_gemm_case(name, m) for m in (256, 4096) for name in ("15b qkv", "15b up", "15b down", "340b-tp8 down")]
@@ -310,6 +318,7 @@ def sweep_cases() -> list[SweepCase]:
                                                                             "340b-tp8 down")]
     cases += [_gemm_case(name, 1, tma=True) for name in _GEMM_SHAPES]
     cases += [_mlp_up_case(model, m, tma=True) for m in (1, 16, 64) for model in ("15b", "340b-tp8")]
+    cases += [_prefill_case("15b", 1, 4096, kv_tma=True), _prefill_case("340b-tp8", 1, 4096, kv_tma=True)]
     return cases
 
 

@@ -111,6 +111,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 # Keys are visited in BLOCK_N tiles along the sequence, each key's slot looked up in the block table (so a tile
 # spans BLOCK_N / BS cache blocks and any block size works). Tiles entirely at or before the tile's first query
 # position need no causal mask; the rest, up to the last query position, are masked; later ones are skipped.
+# KV_TMA (a launch option for the GPU sweep; no default uses it): where BLOCK_N divides the cache block size, an
+# unmasked tile is one run of rows of one cache block, so K and V arrive as TMA boxes of the cache viewed as
+# [NB * BS, Hkv * D] rows (one block-table read a tile instead of a gather of BLOCK_N pointers); the masked tiles
+# keep the gathers, whose masks keep unwritten slots (NaN included) out.
 # Online softmax in fp32 with exp2 (scale * k_scale * log2(e) folded into one multiplier, v_scale applied once at
 # the end). head_dim D is split into a power-of-two head part BLOCK_DA and a tail BLOCK_DB (192 = 128 + 64), two dots
 # per product instead of padding D to 256 (which would waste 25% of the MMA work and registers); D-axis masks cover
@@ -127,25 +131,37 @@ def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt
                     k_ptr, v_ptr, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, HAS_TAIL: tl.constexpr,
-                    CAUSAL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One online-softmax step of BLOCK_R score rows against keys start_n .. start_n + BLOCK_N - 1."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)                                  # [BLOCK_N] absolute key positions
-    key_ok = offs_n < kv_end                                                  # [BLOCK_N]
-    blk = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btn, mask=key_ok, other=0).to(tl.int64)  # [BLOCK_N]
-    in_blk = offs_n % BLOCK_SIZE                                              # [BLOCK_N]
-    k_row = k_ptr + blk * stride_kb + in_blk * stride_ks                      # [BLOCK_N] pointers to each key
-    v_row = v_ptr + blk * stride_vb + in_blk * stride_vs                      # [BLOCK_N]
+                    CAUSAL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    KV_TMA: tl.constexpr, k_desc_a, k_desc_b, v_desc_a, v_desc_b, head_col):
+    """One online-softmax step of BLOCK_R score rows against keys start_n .. start_n + BLOCK_N - 1.
 
+    KV_TMA (tiles wholly inside one cache block and wholly valid: the unmasked loop with BLOCK_SIZE % BLOCK_N == 0):
+    K and V come as TMA boxes of the [NB * BS, Hkv * D] view of the cache, rows block * BS + start_n % BS, columns
+    head_col (+ BLOCK_DA for the tail, from the *_desc_b descriptors)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)                                  # [BLOCK_N] absolute key positions
     offs_da = tl.arange(0, BLOCK_DA)
-    mask_a = key_ok[:, None] & (offs_da[None, :] < HEAD_DIM)                  # [BLOCK_N, BLOCK_DA]
-    # Masked-off slots read 0, never the cache: they may hold NaN (or belong to another sequence).
-    k_a = tl.load(k_row[:, None] + offs_da[None, :] * stride_kd, mask=mask_a, other=0.0).to(q_a.dtype)
+    offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
+    if KV_TMA:
+        row = (tl.load(bt_row + (start_n // BLOCK_SIZE) * stride_btn).to(tl.int32) * BLOCK_SIZE
+               + start_n % BLOCK_SIZE)                                        # first cache row of the tile
+        k_a = k_desc_a.load([row, head_col]).to(q_a.dtype)                  # [BLOCK_N, BLOCK_DA]
+    else:
+        key_ok = offs_n < kv_end                                              # [BLOCK_N]
+        blk = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btn, mask=key_ok, other=0).to(tl.int64)
+        in_blk = offs_n % BLOCK_SIZE                                          # [BLOCK_N]
+        k_row = k_ptr + blk * stride_kb + in_blk * stride_ks                  # [BLOCK_N] pointers to each key
+        v_row = v_ptr + blk * stride_vb + in_blk * stride_vs                  # [BLOCK_N]
+        mask_a = key_ok[:, None] & (offs_da[None, :] < HEAD_DIM)              # [BLOCK_N, BLOCK_DA]
+        mask_b = key_ok[:, None] & (offs_db[None, :] < HEAD_DIM)              # [BLOCK_N, BLOCK_DB]
+        # Masked-off slots read 0, never the cache: they may hold NaN (or belong to another sequence).
+        k_a = tl.load(k_row[:, None] + offs_da[None, :] * stride_kd, mask=mask_a, other=0.0).to(q_a.dtype)
     s = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     s = mma(q_a, tl.trans(k_a), s, UPCAST, DOT_PRECISION)                   # [BLOCK_R, BLOCK_N] fp32
     if HAS_TAIL:
-        offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
-        mask_b = key_ok[:, None] & (offs_db[None, :] < HEAD_DIM)              # [BLOCK_N, BLOCK_DB]
-        k_b = tl.load(k_row[:, None] + offs_db[None, :] * stride_kd, mask=mask_b, other=0.0).to(q_b.dtype)
+        if KV_TMA:
+            k_b = k_desc_b.load([row, head_col + BLOCK_DA]).to(q_b.dtype)   # [BLOCK_N, BLOCK_DB]
+        else:
+            k_b = tl.load(k_row[:, None] + offs_db[None, :] * stride_kd, mask=mask_b, other=0.0).to(q_b.dtype)
         s = mma(q_b, tl.trans(k_b), s, UPCAST, DOT_PRECISION)
     s = s * qk_scale                                                          # log2-domain scores
     if CAUSAL_MASK:
@@ -156,11 +172,17 @@ def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt
     p = tl.exp2(s - m_new[:, None])                                           # [BLOCK_R, BLOCK_N] fp32
     l_i = l_i * alpha + tl.sum(p, 1)
 
-    v_a = tl.load(v_row[:, None] + offs_da[None, :] * stride_vd, mask=mask_a, other=0.0).to(q_a.dtype)
+    if KV_TMA:
+        v_a = v_desc_a.load([row, head_col]).to(q_a.dtype)                  # [BLOCK_N, BLOCK_DA]
+    else:
+        v_a = tl.load(v_row[:, None] + offs_da[None, :] * stride_vd, mask=mask_a, other=0.0).to(q_a.dtype)
     acc_a = acc_a * alpha[:, None]
     acc_a = mma(p.to(v_a.dtype), v_a, acc_a, UPCAST, DOT_PRECISION)          # [BLOCK_R, BLOCK_DA] fp32
     if HAS_TAIL:
-        v_b = tl.load(v_row[:, None] + offs_db[None, :] * stride_vd, mask=mask_b, other=0.0).to(q_b.dtype)
+        if KV_TMA:
+            v_b = v_desc_b.load([row, head_col + BLOCK_DA]).to(q_b.dtype)   # [BLOCK_N, BLOCK_DB]
+        else:
+            v_b = tl.load(v_row[:, None] + offs_db[None, :] * stride_vd, mask=mask_b, other=0.0).to(q_b.dtype)
         acc_b = acc_b * alpha[:, None]
         acc_b = mma(p.to(v_b.dtype), v_b, acc_b, UPCAST, DOT_PRECISION)
     return acc_a, acc_b, m_new, l_i
@@ -168,14 +190,15 @@ def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt
 
 @triton.jit
 def _paged_prefill_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, k_desc_a, k_desc_b, v_desc_a, v_desc_b,
         num_seqs, qk_scale, v_scale,
         stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
         stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
         stride_btb, stride_btn,
         GROUP: tl.constexpr, TILE_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-        HAS_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, REVERSE: tl.constexpr):
+        HAS_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, REVERSE: tl.constexpr,
+        KV_TMA: tl.constexpr):
     # REVERSE: the last query tiles of a sequence (the most keys, under the causal mask) start first, so the short
     # ones fill the end of the launch instead of the long ones trailing it. Timed by the GPU sweep; off by default.
     tile_id = tl.num_programs(0) - 1 - tl.program_id(0) if REVERSE else tl.program_id(0)
@@ -230,18 +253,24 @@ def _paged_prefill_attention_kernel(
     kv_end = ctx_len + tl.minimum(tile_start + TILE_M, q_len)   # keys [0, kv_end) are all this tile may see
     # Keys below full_end are <= first_pos, so visible to every row: no causal mask there.
     full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    head_col = kv_head * HEAD_DIM                           # the head's first column in the [NB * BS, Hkv * D] view
+    # The unmasked tiles: every key valid and visible to every row, so with KV_TMA each is a whole box of one cache
+    # block. (Triton 3.6's Hopper warp specialization of this loop did not split off a producer at 8 warps and failed
+    # to compile at 4, 2026-11-28: not offered.)
     for start_n in range(0, full_end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc_a, acc_b, m_i, l_i = _attend_kv_tile(
             acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt_row, stride_btn,
             k_head, v_head, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_R, BLOCK_N, BLOCK_DA, BLOCK_DB, HAS_TAIL, False, DOT_PRECISION, UPCAST)
+            HEAD_DIM, BLOCK_SIZE, BLOCK_R, BLOCK_N, BLOCK_DA, BLOCK_DB, HAS_TAIL, False, DOT_PRECISION, UPCAST,
+            KV_TMA, k_desc_a, k_desc_b, v_desc_a, v_desc_b, head_col)
     for start_n in range(full_end, kv_end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc_a, acc_b, m_i, l_i = _attend_kv_tile(
             acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt_row, stride_btn,
             k_head, v_head, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_R, BLOCK_N, BLOCK_DA, BLOCK_DB, HAS_TAIL, True, DOT_PRECISION, UPCAST)
+            HEAD_DIM, BLOCK_SIZE, BLOCK_R, BLOCK_N, BLOCK_DA, BLOCK_DB, HAS_TAIL, True, DOT_PRECISION, UPCAST,
+            False, k_desc_a, k_desc_b, v_desc_a, v_desc_b, head_col)
 
     inv_l = v_scale / tl.where(l_i > 0.0, l_i, 1.0)        # [BLOCK_R]; padding rows have l = 0 and are not stored
     out_a = acc_a * inv_l[:, None]
@@ -338,7 +367,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, k_scale, v_scale,
                     cfg: dict | None) -> torch.Tensor:
-    """The launch; cfg overrides `_launch_config` (BLOCK_R, BLOCK_N, num_warps, num_stages, optionally REVERSE)
+    """The launch; cfg overrides `_launch_config` (BLOCK_R, BLOCK_N, num_warps, num_stages, optionally REVERSE and
+    KV_TMA, which takes effect where `_kv_tma_ready` holds)
     for the GPU sweep in benchmarks/gpu_sweep.py."""
     _check_prefill_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
     num_tokens, num_heads, head_dim = q.shape
@@ -354,13 +384,38 @@ def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
     cfg = cfg or _launch_config(head_dim, group, q.element_size(), k_cache.dtype == torch.float8_e4m3fn)
     tile_m = cfg["BLOCK_R"] // group                                         # tokens per program
     grid = (num_tokens // tile_m + num_seqs, num_kv_heads)                   # >= sum_b cdiv(q_len_b, TILE_M)
+    kv_tma = bool(cfg.get("KV_TMA", False)) and _kv_tma_ready(k_cache, v_cache, cfg["BLOCK_N"], block_da, block_db)
+    descs = _kv_descriptors(k_cache, v_cache, cfg["BLOCK_N"], block_da, block_db) if kv_tma else (None,) * 4
     _paged_prefill_attention_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, *descs,
         num_seqs, float(scale) * float(k_scale) * _LOG2E, float(v_scale),
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
         GROUP=group, TILE_M=tile_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DA=block_da, BLOCK_DB=max(block_db, 16),
         HAS_TAIL=block_db > 0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.dtype == torch.bfloat16 and interpreting(), REVERSE=bool(cfg.get("REVERSE", False)),
+        KV_TMA=kv_tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
+
+
+def _kv_tma_ready(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int, block_da: int, block_db: int) -> bool:
+    """Whether K/V tiles can be TMA boxes: every tile inside one cache block (BLOCK_N divides the block size); the
+    head part and tail boxes cover the head exactly (a box wider than the head would read the next head's columns);
+    the cache contiguous, so that [NB, BS, Hkv, D] views as [NB * BS, Hkv * D] rows, rows and base 16-byte aligned."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    return (block_size % block_n == 0 and head_dim == block_da + block_db
+            and all(c.is_contiguous() and c.data_ptr() % 16 == 0 and (num_kv_heads * head_dim * c.element_size()) % 16 == 0
+                    for c in (k_cache, v_cache)))
+
+
+def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int, block_da: int, block_db: int):
+    """(K head part, K tail, V head part, V tail) descriptors of the caches as [NB * BS, Hkv * D] rows; boxes of
+    [BLOCK_N, BLOCK_DA] and [BLOCK_N, BLOCK_DB] (None without a tail)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    out = []
+    for cache in (k_cache, v_cache):
+        rows = cache.view(-1, cache.shape[2] * cache.shape[3])               # [NB * BS, Hkv * D]
+        out.append(TensorDescriptor.from_tensor(rows, [block_n, block_da]))
+        out.append(TensorDescriptor.from_tensor(rows, [block_n, block_db]) if block_db else None)
+    return out[0], out[1], out[2], out[3]

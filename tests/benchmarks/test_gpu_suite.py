@@ -49,7 +49,7 @@ def test_gpu_suite_sweep_smoke(tmp_path):
                        "prefill_attention"}
     # The TMA variants run in a step (a process) of their own.
     tma = json.loads((tmp_path / "gpu_suite.json").read_text())["sweep_tma"]
-    assert [case["kernel"] for case in tma["cases"]] == ["fp8_gemm_tma", "mlp_up_fp8_tma"]
+    assert [case["kernel"] for case in tma["cases"]] == ["fp8_gemm_tma", "mlp_up_fp8_tma", "prefill_attention_tma"]
     for case in sweep["cases"] + tma["cases"]:
         assert case["default_ms"] > 0 and case["configs"]
         assert all(c["correct"] and c["ms"] > 0 for c in case["configs"]), case

@@ -131,6 +131,61 @@ def test_small_tiles_many_query_and_key_tiles(monkeypatch, reverse):
     _check(*_make_inputs([(0, 1), (5, 30), (0, 19), (33, 1), (2, 9)], 6, 1, 64, 32, torch.float16, seed=3))
 
 
+# K/V as TMA boxes (the sweep_tma step's variant): BLOCK_N divides the block size, the head splits exactly into
+# power-of-two boxes. (q heads, KV heads, head_dim, block size, BLOCK_N, q dtype, cache dtype)
+KV_TMA_CASES = [
+    (6, 1, 64, 32, 32, torch.bfloat16, None),
+    (12, 2, 128, 64, 64, torch.float16, None),
+    (12, 1, 192, 64, 32, torch.bfloat16, FP8),       # 128 + 64 boxes of an FP8 cache
+    (2, 2, 128, 32, 16, torch.float32, None),        # two tiles per block
+]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,block_n,dtype,cache_dtype", KV_TMA_CASES)
+def test_kv_tma_boxes_match_ref(num_heads, num_kv_heads, head_dim, block_size, block_n, dtype, cache_dtype):
+    """The unmasked tiles read K/V as whole-block TMA boxes (every other slot of the cache is NaN, so a box at the
+    wrong rows or columns shows), the diagonal tiles as masked gathers."""
+    from tests.kernels.launch_capture import capture_launches
+    q, k_cache, v_cache, meta = _make_inputs(SEQS, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                                             cache_dtype=cache_dtype, seed=5)
+    scales = (0.25, 0.125) if cache_dtype == FP8 else (1.0, 1.0)
+    args = (q, k_cache, v_cache, meta["query_start_loc"], meta["seq_lens"], meta["block_tables"],
+            head_dim ** -0.5, *scales)
+    cfg = dict(BLOCK_R=16 if dtype == torch.float32 else 64, BLOCK_N=block_n, num_warps=4, num_stages=2, KV_TMA=True)
+    with capture_launches() as cap:
+        pa._prefill_launch(*args, cfg)
+    assert cap.launches[0].args["KV_TMA"] is True
+    out = pa._prefill_launch(*args, cfg)
+    ref = paged_attention_ref(q, k_cache, v_cache, scale=head_dim ** -0.5, **meta,
+                              k_scale=scales[0], v_scale=scales[1])
+    assert torch.isfinite(out).all()
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("why,head_dim,block_size,block_n,contiguous", [
+    ("a tile would span two cache blocks", 64, 16, 32, True),
+    ("72 = 64 + 16 boxes would read 8 columns of the next head", 72, 32, 32, True),
+    ("a cache that does not view as [NB * BS, Hkv * D] rows", 64, 32, 32, False),
+])
+def test_kv_tma_falls_back_to_gathers(why, head_dim, block_size, block_n, contiguous):
+    from tests.kernels.launch_capture import capture_launches
+    q, k_cache, v_cache, meta = _make_inputs(SEQS[:4], 6, 2, head_dim, block_size, torch.float16, seed=6)
+    if not contiguous:  # the same values, every other KV head of a cache twice as wide
+        wide = torch.zeros(*k_cache.shape[:2], 4, head_dim, dtype=k_cache.dtype)
+        k_cache = wide.clone().index_copy_(2, torch.tensor([0, 2]), k_cache)[:, :, ::2]
+        v_cache = wide.clone().index_copy_(2, torch.tensor([0, 2]), v_cache)[:, :, ::2]
+    args = (q, k_cache, v_cache, meta["query_start_loc"], meta["seq_lens"], meta["block_tables"], head_dim ** -0.5,
+            1.0, 1.0)
+    cfg = dict(BLOCK_R=64, BLOCK_N=block_n, num_warps=4, num_stages=2, KV_TMA=True)
+    with capture_launches() as cap:
+        pa._prefill_launch(*args, cfg)
+    assert cap.launches[0].args["KV_TMA"] is False, why
+    ref = paged_attention_ref(q, k_cache, v_cache, scale=head_dim ** -0.5, **meta)
+    tol = TOLERANCES[torch.float16]
+    torch.testing.assert_close(pa._prefill_launch(*args, cfg), ref, atol=tol, rtol=tol)
+
+
 def test_grid_is_query_tiles_by_kv_heads(monkeypatch):
     """One program per (query tile, KV head) -- not per query head -- so every K/V tile is read once per GQA group;
     T // TILE_M + B programs per KV head."""
@@ -218,3 +273,49 @@ def test_realistic_shapes_on_gpu(num_heads, num_kv_heads, head_dim, cache_dtype,
     assert torch.isfinite(out).all()
     tol = TOLERANCES[torch.bfloat16]
     torch.testing.assert_close(out, _ref_per_sequence(q, k_cache, v_cache, meta, **scales), atol=tol, rtol=tol)
+
+
+def test_kv_tma_variants_compile_for_sm90_without_spills():
+    """The sweep's TMA-fed prefill tiles on the model shapes (cache blocks of 128): TMA copies, wgmma, no spills."""
+    from tests.kernels.launch_capture import SM90_SHARED_BYTES, aot_compile_sm90
+    jobs = []
+    for head_dim, group, block_n, stages, cache in [(128, 6, 64, 3, "bf16"), (128, 6, 128, 3, "bf16"),
+                                                    (192, 12, 64, 2, "bf16"), (192, 12, 32, 3, "fp8e4nv")]:
+        block_da, block_db = pa._split_head_dim(head_dim)
+        types = {"q_ptr": "*bf16", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", "out_ptr": "*bf16", "qsl_ptr": "*i32",
+                 "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "qk_scale": "fp32", "v_scale": "fp32",
+                 "k_desc_a": f"tensordesc<{cache}[{block_n}, {block_da}]>",
+                 "v_desc_a": f"tensordesc<{cache}[{block_n}, {block_da}]>"}
+        constexprs = {"stride_qd": 1, "stride_od": 1, "stride_kd": 1, "stride_vd": 1, "stride_btn": 1, "GROUP": group,
+                      "TILE_M": 128 // group, "HEAD_DIM": head_dim, "BLOCK_SIZE": 128, "BLOCK_R": 128,
+                      "BLOCK_N": block_n, "BLOCK_DA": block_da, "BLOCK_DB": max(block_db, 16),
+                      "HAS_TAIL": block_db > 0, "DOT_PRECISION": "tf32", "UPCAST": False, "REVERSE": False,
+                      "KV_TMA": True}
+        if block_db:
+            types["k_desc_b"] = types["v_desc_b"] = f"tensordesc<{cache}[{block_n}, {block_db}]>"
+        else:
+            constexprs["k_desc_b"] = constexprs["v_desc_b"] = None
+        jobs.append({"module": "kernels.paged_attention", "kernel": "_paged_prefill_attention_kernel",
+                     "types": types, "constexprs": constexprs,
+                     "divisible": ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks",
+                                   "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_btb"],
+                     "num_warps": 8, "num_stages": stages, "label": f"D={head_dim} BLOCK_N={block_n} {cache}"})
+    for res in aot_compile_sm90(jobs):
+        assert res["local"] == 0 and res["shared"] <= SM90_SHARED_BYTES and res["wgmma"] and res["tma"], res
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(48, 8, 128), (12, 1, 192)])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_kv_tma_on_gpu(num_heads, num_kv_heads, head_dim, cache_dtype):
+    """The production tiles with K/V as TMA boxes (a cache of 128-token blocks), against the reference."""
+    q, k_cache, v_cache, meta = _make_inputs(GPU_SEQS, num_heads, num_kv_heads, head_dim, 128, torch.bfloat16,
+                                             cache_dtype=cache_dtype, seed=9, device="cuda")
+    scales = (0.25, 0.125) if cache_dtype == FP8 else (1.0, 1.0)
+    cfg = pa._launch_config(head_dim, num_heads // num_kv_heads, 2, cache_dtype == FP8) | {"KV_TMA": True}
+    out = pa._prefill_launch(q, k_cache, v_cache, meta["query_start_loc"], meta["seq_lens"], meta["block_tables"],
+                             head_dim ** -0.5, *scales, cfg)
+    assert torch.isfinite(out).all()
+    tol = TOLERANCES[torch.bfloat16]
+    ref = _ref_per_sequence(q, k_cache, v_cache, meta, k_scale=scales[0], v_scale=scales[1])
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
