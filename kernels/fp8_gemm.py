@@ -98,8 +98,8 @@ class GemmConfig:
     # TMA: A and B tiles arrive by tensor-memory-accelerator copies from host-built descriptors (no address math or
     # masks in the loop; zero fill past M, N and K), in a persistent grid of one program per SM walking the tiles.
     # warp_specialize asks Triton's Hopper warp specialization for that tile loop (a producer warp group issuing the
-    # copies). Both are for the GPU sweep to time against the pointer kernel at prefill sizes; BLOCK_K <= 128 (a TMA
-    # box row of at most the 128-byte swizzle).
+    # copies). Both are for the GPU sweep to time against the pointer kernel, at prefill sizes and as decode GEMVs;
+    # BLOCK_K <= 128 (a TMA box row of at most the 128-byte swizzle), else the pointer kernel runs.
     tma: bool = False
     warp_specialize: bool = False
 

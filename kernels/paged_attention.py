@@ -144,7 +144,7 @@ def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt
     if KV_TMA:
         row = (tl.load(bt_row + (start_n // BLOCK_SIZE) * stride_btn).to(tl.int32) * BLOCK_SIZE
                + start_n % BLOCK_SIZE)                                        # first cache row of the tile
-        k_a = k_desc_a.load([row, head_col]).to(q_a.dtype)                  # [BLOCK_N, BLOCK_DA]
+        k_a = k_desc_a.load([row, head_col]).to(q_a.dtype)                    # [BLOCK_N, BLOCK_DA]
     else:
         key_ok = offs_n < kv_end                                              # [BLOCK_N]
         blk = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btn, mask=key_ok, other=0).to(tl.int64)
@@ -159,7 +159,7 @@ def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt
     s = mma(q_a, tl.trans(k_a), s, UPCAST, DOT_PRECISION)                   # [BLOCK_R, BLOCK_N] fp32
     if HAS_TAIL:
         if KV_TMA:
-            k_b = k_desc_b.load([row, head_col + BLOCK_DA]).to(q_b.dtype)   # [BLOCK_N, BLOCK_DB]
+            k_b = k_desc_b.load([row, head_col + BLOCK_DA]).to(q_b.dtype)     # [BLOCK_N, BLOCK_DB]
         else:
             k_b = tl.load(k_row[:, None] + offs_db[None, :] * stride_kd, mask=mask_b, other=0.0).to(q_b.dtype)
         s = mma(q_b, tl.trans(k_b), s, UPCAST, DOT_PRECISION)
