@@ -92,7 +92,7 @@ def render(report: dict) -> str:
     for step, title, table in (("model_15b", "Nemotron-4 15B, FP8 weights and KV cache", model_table),
                                ("rank_slice_340b", "Nemotron-4 340B, one TP=8 rank projected", slice_table),
                                ("kernels", "Kernels", kernel_table), ("sweep", "Launch-config sweep", sweep_table),
-                               ("sweep_tma", "Launch-config sweep: TMA GEMM variants", sweep_table)):
+                               ("sweep_tma", "Launch-config sweep: TMA variants", sweep_table)):
         if step not in report:
             continue
         out.append(f"#### {title}")
