@@ -8,8 +8,9 @@ whole model with random weights; every figure lands in one JSON beside its roofl
 Each step runs in its own process under its own time limit, so a slow step, a hang or a CUDA fault cannot eat the
 device budget or the other steps' figures; a step stopped at its limit keeps the figures it had written. The
 JSON is rewritten after every step, and each step's log lands beside it.
-1. correctness: `pytest -m gpu tests/kernels` (compiled Triton vs the references on the real shapes), spread over
-   8 processes (pytest-xdist), which also fills Triton's compile cache for the later steps;
+1. correctness: `pytest -m gpu tests/kernels` and the experiments' GPU tests (compiled Triton vs the references on
+   the real shapes), spread over 8 processes (pytest-xdist), which also fills Triton's compile cache for the later
+   steps;
 2. kernels: `n4 bench kernels` on the 15B and 340B-TP8 shapes;
 3. model_15b: the 15B preset in FP8 (weights quantized at load, FP8 KV cache, Triton kernels, CUDA graphs):
    decode tokens/s at batch 1/16/64/256 beside the HBM roofline, prefill tokens/s, the TTFT of a 2k prompt;
@@ -51,8 +52,9 @@ def _write(path: str, report: dict) -> None:
 
 def step_correctness(smoke: bool, emit) -> dict:
     # A module that fails to import (say, under another Triton) costs its own tests, not the whole run.
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "gpu", "tests/kernels", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors"]
+    # The experiments' GPU tests too (benchmarks/fp8_gemm_tma.py): the sweep_tma step relies on them.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "gpu", "tests/kernels",
+           "tests/benchmarks/test_fp8_gemm_tma.py", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
     try:
         import xdist  # noqa: F401 — on the GPU machine: compile in 8 processes at once
         if not smoke:

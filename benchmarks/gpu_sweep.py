@@ -90,21 +90,20 @@ def _gemm_configs(m: int) -> list:
 
 
 def _gemm_tma_configs(m: int) -> list:
-    """The persistent TMA kernel (GemmConfig.tma) with each promotion, and Triton's Hopper warp specialization of
-    its tile loop (4 warps: a producer split off, registers rebalanced with setmaxnreg; 8 warps: pipelined without
-    them). All compile for sm_90 without spills (tests/kernels/test_fp8_gemm.py); none had run on a GPU when this
-    was written, so their cases come last in the sweep (a fault there cannot cost the others)."""
-    from kernels.fp8_gemm import GemmConfig
+    """The persistent TMA GEMM (benchmarks/fp8_gemm_tma.py) with each promotion, and Triton's Hopper warp
+    specialization of its tile loop (4 warps: a producer split off, registers rebalanced with setmaxnreg; 8 warps:
+    pipelined without them). All compile for sm_90 without spills (tests/benchmarks/test_fp8_gemm_tma.py); none had
+    run on a GPU when this was written, so they are a step of their own (sweep_tma: a fault cannot cost the rest)."""
+    from benchmarks.fp8_gemm_tma import TmaGemmConfig as Cfg
     if SMOKE:
-        return [GemmConfig(16, 32, 64, 1, 4, 2, tma=True), GemmConfig(16, 32, 64, 1, 4, 4, split_k=2, tma=True)]
+        return [Cfg(16, 32, 64, 1, 4, 2), Cfg(16, 32, 64, 1, 4, 4, split_k=2)]
     if m == 1:
         # GEMVs: TMA streams the weight through a deep ring of shared-memory buffers (8-12 stages of 10-18 KiB);
         # split-K for grids that leave SMs idle (340B-TP8 qkv: 42 or 21 tiles).
-        return [GemmConfig(16, bn, 128, 1, 4, s, split_k=k, tma=True) for bn, s in ((64, 8), (64, 12), (128, 8))
-                for k in (1, 2, 4)]
-    tma = [GemmConfig(bm, bn, 128, 8, w, s, promote=p, tma=True) for bm, bn, w, s in
+        return [Cfg(16, bn, 128, 1, 4, s, split_k=k) for bn, s in ((64, 8), (64, 12), (128, 8)) for k in (1, 2, 4)]
+    tma = [Cfg(bm, bn, 128, 8, w, s, promote=p) for bm, bn, w, s in
            [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)] for p in (0, 1, 2)]
-    tma += [GemmConfig(128, bn, 128, 8, w, s, promote=p, tma=True, warp_specialize=True) for bn, w, s in
+    tma += [Cfg(128, bn, 128, 8, w, s, promote=p, warp_specialize=True) for bn, w, s in
             [(128, 4, 4), (128, 8, 4), (256, 8, 3)] for p in (0, 2)]
     if m < 1024:  # M = 256: the two tiles the table uses there, with TMA (keeps the sweep inside its limit)
         tma = [c for c in tma if c.promote == 0 and not c.warp_specialize and c.block_n == 128 and c.num_stages == 4]
@@ -112,6 +111,7 @@ def _gemm_tma_configs(m: int) -> list:
 
 
 def _gemm_case(name: str, m: int, tma: bool = False) -> SweepCase:
+    from benchmarks.fp8_gemm_tma import fp8_gemm_tma
     from kernels.fp8_gemm import _fp8_gemm_launch
     n, k = (256, 512) if SMOKE else _GEMM_SHAPES[name]
 
@@ -119,7 +119,9 @@ def _gemm_case(name: str, m: int, tma: bool = False) -> SweepCase:
         return _fp8_operands(device, m, n, k, a_scale_shape=(m,))
 
     def run(x, cfg):
-        return _fp8_gemm_launch(*x, torch.bfloat16, cfg)
+        if tma and cfg is not None:
+            return fp8_gemm_tma(*x, torch.bfloat16, cfg)
+        return _fp8_gemm_launch(*x, torch.bfloat16, cfg)       # cfg None: production's table (the default row)
 
     def baseline(x):
         a, b, sa, sb = x

@@ -44,14 +44,12 @@ table is a starting point to be tuned with benchmarks/gpu_suite.py.
 
 Program order is grouped (GROUP_M M-tiles walk the N tiles together) so that prefill re-reads weight tiles from L2.
 
-A second kernel, `_fp8_gemm_tma_kernel` (GemmConfig.tma; no table entry uses it yet), is prepared for the GPU sweep
-at prefill sizes, where the pointer kernel runs at 0.58-0.70x torch._scaled_mm, and for the M = 1 GEMVs, which
-stream weights at 2.2-2.9 of 4.3 TB/s: A and B tiles come by TMA copies from host-built descriptors into a ring
-of num_stages shared-memory buffers (bulk asynchronous copies: no per-thread address math, masks or register
-staging in the K loop; TMA fills zeros past M, N and K), in a persistent grid of one program per SM (per split),
-optionally with Triton's Hopper warp specialization of the tile loop. It takes every scale mode, promotion and
-split-K; operands a descriptor cannot describe (an inner stride other than 1, a row stride or base not 16-byte
-aligned) and BLOCK_K > 128 fall back to the pointer kernel with the same tiles.
+TMA loads (GemmConfig.tma, a launch option of the K loop `_fp8_dot_k_range`, for the GPU sweep; no table entry
+uses it yet): A and B tiles come by TMA copies from host-built descriptors into a ring of num_stages shared-memory
+buffers (bulk asynchronous copies: no per-thread address math, masks or register staging in the K loop; TMA fills
+zeros past M, N and K). The fused MLP's up kernel takes it as an option; a persistent GEMM built on it lives with
+the experiments (benchmarks/fp8_gemm_tma.py). Operands a descriptor cannot describe (an inner stride other than 1,
+a row stride or base not 16-byte aligned) and BLOCK_K > 128 keep the pointer loads (`_tma_ready`).
 Compiled for sm_90 (tests compile every table entry ahead of time on the CPU): BLOCK_M >= 64 runs native fp8
 wgmma; the 16/32-row decode tiles lower to mma.sync with fp8 -> f16 conversion in registers, which costs ALU time
 that a weight-streaming decode GEMM has to spare. No entry spills registers.
@@ -96,12 +94,9 @@ class GemmConfig:
     # torch._scaled_mm(use_fast_accum=True)). 1 and 2 are for the GPU sweep to time against 0; group scales need 0.
     promote: int = 0
     # TMA: A and B tiles arrive by tensor-memory-accelerator copies from host-built descriptors (no address math or
-    # masks in the loop; zero fill past M, N and K), in a persistent grid of one program per SM walking the tiles.
-    # warp_specialize asks Triton's Hopper warp specialization for that tile loop (a producer warp group issuing the
-    # copies). Both are for the GPU sweep to time against the pointer kernel, at prefill sizes and as decode GEMVs;
-    # BLOCK_K <= 128 (a TMA box row of at most the 128-byte swizzle), else the pointer kernel runs.
+    # masks in the loop; zero fill past M, N and K), where `_tma_ready` holds (BLOCK_K <= 128: a box row of at most
+    # the 128-byte swizzle). For the GPU sweep: the MLP's up kernel and benchmarks/fp8_gemm_tma.py take it.
     tma: bool = False
-    warp_specialize: bool = False
 
 
 # (largest M of the bucket, config); None = everything larger.
@@ -251,32 +246,6 @@ def _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, offs_m, offs_n, M, N,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _fp8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, k_per_split, num_programs,
-                         stride_cs, stride_cm, stride_cn, stride_asm, stride_asg, stride_bs,
-                         A_MODE: tl.constexpr, B_PER_CHANNEL: tl.constexpr, GROUP_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         PROMOTE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """Persistent: grid (programs, SPLIT_K); program p of split s takes tiles p, p + num_programs, ... in grouped
-    order over K range [s * k_per_split, (s + 1) * k_per_split), writing its scaled partial to c + s * stride_cs
-    as the pointer kernel does. a_desc / b_desc are TMA descriptors of a [M, K] and b [N, K] with [BLOCK_M,
-    BLOCK_K] / [BLOCK_N, BLOCK_K] boxes; a box reaching past M, N or K reads zeros, so the K loop has no masks."""
-    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    pid_k = tl.program_id(1)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(K, k_lo + k_per_split)
-    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=not WARP_SPECIALIZE,
-                         warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _fp8_dot_k_range(a_desc, b_desc, a_scale_ptr, offs_m % M, offs_n % N, k_lo, k_hi,
-                               0, 0, 0, 0, stride_asm, stride_asg, A_MODE == 2, True, GROUP_K,
-                               BLOCK_M, BLOCK_N, BLOCK_K, PROMOTE, True, pid_m * BLOCK_M, pid_n * BLOCK_N)
-        _scale_and_store(acc, c_ptr + pid_k.to(tl.int64) * stride_cs, a_scale_ptr, b_scale_ptr, offs_m, offs_n,
-                         M, N, stride_cm, stride_cn, stride_asm, stride_bs, A_MODE, B_PER_CHANNEL)
-
-
 # ----------------------------------------------------------------------------------------------- scales
 
 def parse_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, M: int, N: int, K: int, name: str = "fp8_gemm",
@@ -354,33 +323,32 @@ def _fp8_gemm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_
     if M == 0 or N == 0:
         return out
     cfg = cfg or pick_config(M, N, K, a.device)
+    if cfg.tma:
+        raise ValueError("fp8_gemm: TMA tiles run in the experimental persistent GEMM (benchmarks/fp8_gemm_tma.py)")
     if a_mode == A_GROUP and cfg.promote:
         raise ValueError("fp8_gemm: group scales are applied per tile, which needs promote = 0")
-    k_tiles = triton.cdiv(K, cfg.block_k)
-    split = min(cfg.split_k, max(k_tiles, 1))
-    k_per_split = max(triton.cdiv(k_tiles, split), 1) * cfg.block_k
-    split = max(triton.cdiv(K, k_per_split), 1)  # no empty splits
+    split, k_per_split = split_k_plan(K, cfg)
     c = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=a.device)
-    stride_cs = 0 if split == 1 else c.stride(0)
-    scale_args = (a_s.stride(0), a_s.stride(1) if a_mode == A_GROUP else 0, b_s.stride(0))
-    meta = dict(A_MODE=a_mode, B_PER_CHANNEL=b_per_channel, GROUP_K=GROUP_K, BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PROMOTE=cfg.promote,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    if cfg.tma and _tma_ready(a, b, cfg):
-        a_desc, b_desc = _tma_descriptors(a, b, cfg)
-        programs = min(tiles, max(_num_sms(a.device) // split, 1))
-        _fp8_gemm_tma_kernel[(programs, split)](
-            a_desc, b_desc, c, a_s, b_s, M, N, K, k_per_split, programs, stride_cs, c.stride(-2), c.stride(-1),
-            *scale_args, WARP_SPECIALIZE=cfg.warp_specialize, **meta)
-    else:
-        _fp8_gemm_kernel[(tiles, split)](
-            a, b, c, a_s, b_s, M, N, K, k_per_split,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_cs, c.stride(-2), c.stride(-1),
-            *scale_args, EVEN_K=K % cfg.block_k == 0, **meta)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    _fp8_gemm_kernel[grid](
+        a, b, c, a_s, b_s, M, N, K, k_per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), 0 if split == 1 else c.stride(0), c.stride(-2),
+        c.stride(-1), a_s.stride(0), a_s.stride(1) if a_mode == A_GROUP else 0, b_s.stride(0),
+        A_MODE=a_mode, B_PER_CHANNEL=b_per_channel, EVEN_K=K % cfg.block_k == 0, GROUP_K=GROUP_K,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PROMOTE=cfg.promote,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         out.copy_(c.sum(dim=0))                                               # [SPLIT, M, N] -> [M, N]
     return out
+
+
+def split_k_plan(K: int, cfg: GemmConfig) -> tuple[int, int]:
+    """(splits, K per split): cfg.split_k capped by the number of K tiles, K per split a whole number of BLOCK_K
+    tiles, and no split left empty."""
+    k_tiles = triton.cdiv(K, cfg.block_k)
+    split = min(cfg.split_k, max(k_tiles, 1))
+    k_per_split = max(triton.cdiv(k_tiles, split), 1) * cfg.block_k
+    return max(triton.cdiv(K, k_per_split), 1), k_per_split
 
 
 def _tma_ready(a: torch.Tensor, b: torch.Tensor, cfg: GemmConfig) -> bool:
