@@ -173,14 +173,14 @@ def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt
     l_i = l_i * alpha + tl.sum(p, 1)
 
     if KV_TMA:
-        v_a = v_desc_a.load([row, head_col]).to(q_a.dtype)                  # [BLOCK_N, BLOCK_DA]
+        v_a = v_desc_a.load([row, head_col]).to(q_a.dtype)                    # [BLOCK_N, BLOCK_DA]
     else:
         v_a = tl.load(v_row[:, None] + offs_da[None, :] * stride_vd, mask=mask_a, other=0.0).to(q_a.dtype)
     acc_a = acc_a * alpha[:, None]
     acc_a = mma(p.to(v_a.dtype), v_a, acc_a, UPCAST, DOT_PRECISION)          # [BLOCK_R, BLOCK_DA] fp32
     if HAS_TAIL:
         if KV_TMA:
-            v_b = v_desc_b.load([row, head_col + BLOCK_DA]).to(q_b.dtype)   # [BLOCK_N, BLOCK_DB]
+            v_b = v_desc_b.load([row, head_col + BLOCK_DA]).to(q_b.dtype)     # [BLOCK_N, BLOCK_DB]
         else:
             v_b = tl.load(v_row[:, None] + offs_db[None, :] * stride_vd, mask=mask_b, other=0.0).to(q_b.dtype)
         acc_b = acc_b * alpha[:, None]
@@ -367,9 +367,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, k_scale, v_scale,
                     cfg: dict | None) -> torch.Tensor:
-    """The launch; cfg overrides `_launch_config` (BLOCK_R, BLOCK_N, num_warps, num_stages, optionally REVERSE and
-    KV_TMA, which takes effect where `_kv_tma_ready` holds)
-    for the GPU sweep in benchmarks/gpu_sweep.py."""
+    """The launch; for the GPU sweep in benchmarks/gpu_sweep.py, cfg overrides `_launch_config` (BLOCK_R, BLOCK_N,
+    num_warps, num_stages, optionally REVERSE and KV_TMA, which takes effect where `_kv_tma_ready` holds)."""
     _check_prefill_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
