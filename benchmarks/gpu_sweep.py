@@ -6,7 +6,8 @@ side on the model shapes, so that its table in kernels/ is chosen from measureme
   MLP's down projection) at decode sizes;
 - the fused MLP's up projection (relu^2 + FP8 group quantization epilogue): K tile, warps, stages;
 - the experimental CUDA-core FP8 GEMV (benchmarks/fp8_gemv.py) at M = 1, beside the production fp8_gemm;
-- decode attention: keys per tile, warps, stages, BF16 and FP8 caches, beside SDPA on dense K/V;
+- decode attention: keys per tile, warps, stages, BF16 and FP8 caches (FP8 V as words and per byte), the context
+  split count where few (sequence, KV head) pairs leave SMs idle, beside SDPA on dense K/V;
 - prefill attention: score rows, keys per tile, warps, stages, beside SDPA pinned to FlashAttention (the default
   dispatch where flash refuses the case).
 
@@ -24,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -208,7 +209,7 @@ def _mlp_up_case(model: str, m: int, tma: bool = False) -> SweepCase:
 # ---- decode attention --------------------------------------------------------------------------------------------
 
 def _decode_case(model: str, batch: int, ctx: int, kv_dtype) -> SweepCase:
-    from kernels.decode_attention import DecodeTiles, _decode_launch
+    from kernels.decode_attention import DecodeTiles, _decode_launch, default_decode_tiles
     heads, kv_heads, d = {"15b": (48, 8, 128), "340b-tp8": (12, 1, 192), "tiny": (6, 1, 64)}[model]
     fp8 = kv_dtype == FP8
 
@@ -233,9 +234,15 @@ def _decode_case(model: str, batch: int, ctx: int, kv_dtype) -> SweepCase:
         q, kd = x[0], x[5]
         return torch.nn.functional.scaled_dot_product_attention(q.view(batch, heads, 1, d), kd, kd, enable_gqa=True)
 
-    configs = ([DecodeTiles(32, 4, 2)] if SMOKE else
-               [DecodeTiles(n, w, s) for n in (32, 64, 128) for w in (2, 4, 8) for s in (2, 3, 4)
-                if not (d > 128 and n == 128)])
+    tiles = [(n, w) for n in (32, 64, 128) for w in (2, 4, 8) if not (d > 128 and n == 128)]
+    configs = ([DecodeTiles(32, 4, 2)] if SMOKE else [DecodeTiles(n, w, s) for n, w in tiles for s in (2, 3, 4)])
+    if fp8:  # FP8 V read per byte (the path before words) beside the default, words; 2 stages
+        configs += [DecodeTiles(n, w, 2, v_words=False) for n, w in tiles[:1 if SMOKE else None]]
+    if not SMOKE and (batch * kv_heads < 132 or model == "340b-tp8"):
+        # Few (sequence, KV head) pairs: the context split count sets the grid. The auto rule's 5 splits for the
+        # 340B rank at batch 64 make 320 programs, 2.4 an SM: whole waves may do better (e.g. 8 -> 512).
+        default = default_decode_tiles(d, 16, fp8)
+        configs += [replace(default, num_splits=s) for s in (2, 4, 8, 12, 16, 24, 32)]
     name = "fp8" if fp8 else "bf16"
     shape = f"{model} B={batch} ctx={ctx} kv={name}"
     return SweepCase("decode_attention", shape, make, run, configs, baseline, compile_group=shape)

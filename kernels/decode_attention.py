@@ -23,6 +23,12 @@ Kernel: two stages.
    blocks) are gathered through the block table; the softmax is online, in fp32, in base 2. The program writes its
    partial (running max, running sum, unnormalized accumulator) to fp32 scratch; with a single split it writes the
    normalized output directly and stage 2 is skipped.
+   An FP8 cache with bf16/fp16 q: both dots run in fp16. K converts in the MMA operand layout (it is read along
+   head_dim, the cache's contiguous axis); V is read as int32 words and converted in registers before its trip
+   through shared memory (`e4m3_words_to_f16`), because the operand layout reads V along the key axis: converted
+   late, that is one byte per shared-memory load. The 15B kernel compiled for sm_90 by Triton 3.6 had 128 `LDS.U8`
+   among 2176 SASS instructions; reading words it has none among 1648, and V takes transposing `ldmatrix` as a BF16
+   V does (340B-TP8 rank, head_dim 192: 64 `LDS.U8` among 1584, none among 1240).
 2. `_decode_reduce_kernel`, grid (B, Hq), merges the splits of one (sequence, head) with log-sum-exp rescaling.
    A split that holds no token of its sequence (short sequences in a long batch) has max -inf and sum 0 and gets
    weight exactly 0.
@@ -38,7 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, mma
+from kernels.triton_utils import e4m3_words_to_f16, interpreting, mma
 
 # SMs of an H100 SXM / H200; used when no CUDA device can be asked (the interpreter), so the split rule is the same.
 _DEFAULT_SM_COUNT = 132
@@ -109,7 +115,7 @@ def _paged_decode_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-        FP16_DOTS: tl.constexpr):
+        FP16_DOTS: tl.constexpr, V_WORDS: tl.constexpr, ASM_CVT: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -143,6 +149,10 @@ def _paged_decode_attention_kernel(
     table_row = block_tables_ptr + seq64 * stride_tb
     k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
+    if V_WORDS:  # FP8 V as int32 words of 4 values (the launcher checked 4-byte alignment and stride_vd == 1)
+        v_words = v_head.to(tl.pointer_type(tl.int32), bitcast=True)
+        offs_w = tl.arange(0, BLOCK_D // 4)
+        w_mask = offs_w < HEAD_DIM // 4
     for tile_start in range(start, end, BLOCK_N):
         tok = tile_start + offs_n                          # [BLOCK_N] positions in the sequence
         tok_mask = tok < end
@@ -162,7 +172,13 @@ def _paged_decode_attention_kernel(
         p = tl.exp2(s - m_new[:, None])        # [BLOCK_G, BLOCK_N]; 0 on masked tokens
         l_i = l_i * alpha + tl.sum(p, 1)
 
-        v = tl.load(v_head + slot_v[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if V_WORDS:
+            # Converted to fp16 in registers, before the tile's trip through shared memory (see e4m3_words_to_f16).
+            words = tl.load(v_words + (slot_v // 4)[:, None] + offs_w[None, :],
+                            mask=tok_mask[:, None] & w_mask[None, :], other=0)  # [BLOCK_N, BLOCK_D // 4] int32
+            v = tl.reshape(e4m3_words_to_f16(words, ASM_CVT), [BLOCK_N, BLOCK_D])  # [BLOCK_N, BLOCK_D] fp16
+        else:
+            v = tl.load(v_head + slot_v[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         acc = mma(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], DOT_UPCAST, DOT_PRECISION)
         m_i = m_new
 
@@ -276,13 +292,35 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                           num_splits, None)
 
 
+def _v_words_ready(q: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the kernel can read an FP8 V cache as int32 words (4 values each) and convert them in registers: the
+    dots run in fp16 (bf16 or fp16 q), whole words per head (head_dim % 4 == 0, the last stride 1) and every word
+    4-byte aligned (the other strides and the base)."""
+    return (v_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.bfloat16, torch.float16)
+            and v_cache.shape[-1] % 4 == 0 and v_cache.stride(-1) == 1
+            and all(st % 4 == 0 for st in v_cache.stride()[:-1]) and v_cache.data_ptr() % 4 == 0)
+
+
 @dataclass(frozen=True)
 class DecodeTiles:
-    """Launch parameters of the split kernel; None in `_decode_launch` takes the defaults below (the GPU sweep in
-    benchmarks/gpu_sweep.py times alternatives)."""
-    block_n: int          # keys per tile
+    """Launch parameters of the split kernel: `default_decode_tiles` unless the GPU sweep (benchmarks/gpu_sweep.py)
+    passes alternatives."""
+    block_n: int          # keys per tile (at least the cache block size)
     num_warps: int
     num_stages: int
+    v_words: bool | None = None  # FP8 V read as int32 words where `_v_words_ready`; False: per byte
+    num_splits: int | None = None  # used when the launch's num_splits is None; None: `_auto_num_splits`
+
+
+def default_decode_tiles(head_dim: int, block_size: int, fp8_cache: bool) -> DecodeTiles:
+    """Tiles of _TILE_ELEMENTS values: 64 keys for D <= 128, 32 for D = 192 / 256.
+
+    FP8 caches at head_dim <= 128 take 2 warps: 15B, batch 64, context 4096 ran 0.273 ms against 0.35 with 4 (H200
+    sweep, 2026-11-28, do_bench); the 340B-TP8 rank (head_dim 192) and BF16 caches were best at 4. With fp16 dots
+    FP8 KV took 0.222 ms there against 0.250 for BF16 KV (GPU time in CUDA graphs, suite run 5; V was still read per
+    byte then: the sweep times words and bytes side by side)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return DecodeTiles(max(block_size, _TILE_ELEMENTS // block_d), 2 if fp8_cache and head_dim <= 128 else 4, 2)
 
 
 def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, scale, k_scale, v_scale,
@@ -295,15 +333,13 @@ def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, sca
     if num_seqs == 0 or num_heads == 0:
         return out
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = max(block_size, _TILE_ELEMENTS // block_d)  # 64 for D <= 128, 32 for D = 192 / 256
-    # FP8 caches at head_dim <= 128 take 2 warps: 15B, batch 64, context 4096 ran 0.273 ms against 0.35 with 4 (H200
-    # sweep, 2026-11-28, do_bench); the 340B-TP8 rank (head_dim 192) and BF16 caches were best at 4. With the fp16
-    # dots below, FP8 KV took 0.222 ms there against 0.250 for BF16 KV (GPU time in CUDA graphs, suite run 5).
     fp8_cache = k_cache.dtype == torch.float8_e4m3fn
-    num_warps, num_stages = (2 if fp8_cache and head_dim <= 128 else 4), 2
-    if tiles is not None:
-        block_n, num_warps, num_stages = max(block_size, tiles.block_n), tiles.num_warps, tiles.num_stages
+    tiles = tiles or default_decode_tiles(head_dim, block_size, fp8_cache)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n, num_warps, num_stages = max(block_size, tiles.block_n), tiles.num_warps, tiles.num_stages
+    v_words = _v_words_ready(q, v_cache) and tiles.v_words is not False
+    if num_splits is None:
+        num_splits = tiles.num_splits
     auto = num_splits is None
     if auto:
         num_splits = _auto_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device)
@@ -328,7 +364,8 @@ def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, sca
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16 and not fp8_cache, SINGLE_SPLIT=single,
-        FP16_DOTS=fp8_cache and q.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages)
+        FP16_DOTS=fp8_cache and q.dtype == torch.bfloat16, V_WORDS=v_words, ASM_CVT=not interpreting(),
+        num_warps=num_warps, num_stages=num_stages)
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_max, part_sum, out, num_splits, *out.stride(),

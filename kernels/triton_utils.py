@@ -44,3 +44,34 @@ def round_to_e4m3(x):
     magic = ((biased_exp + 20) << 23).to(tl.float32, bitcast=True)  # 2^(e + 20) = step * 2^23
     rounded = (tl.abs(x) + magic) - magic
     return tl.where(bits < 0, -rounded, rounded)
+
+
+@triton.jit
+def e4m3_words_to_f16(words, ASM: tl.constexpr):
+    """int32 words, each holding 4 E4M3 values (little-endian: byte i is element i) -> fp16 [..., 4], exact.
+
+    Why words: an FP8 V tile loaded as fp8 and converted with `.to(tl.float16)` is converted after Triton's shared
+    memory round trip, in the MMA operand layout. P @ V reads V along the key axis, which is strided in the cache, so
+    on sm_90 each thread then reads its bytes one at a time (128 `LDS.U8` a thread per 64 x 128 tile at 2 warps).
+    Converted in registers first, the tile goes through shared memory as fp16 and is read back with transposing
+    `ldmatrix`, as a BF16 cache is. The reshape after this join keeps Triton from moving the conversion back.
+
+    ASM (compiled kernels): `cvt.rn.f16x2.e4m3x2`, one instruction per two values. Otherwise (the interpreter runs no
+    inline asm) the same values from the bits: E4M3's exponent and mantissa shifted into fp16's fields give
+    value * 2^-8 for normals and subnormals alike, and the product with 256 is exact. NaN (0x7F) becomes 480 there;
+    callers mask what is not a valid slot, so no NaN is read.
+    """
+    if ASM:
+        e0, e1, e2, e3 = tl.inline_asm_elementwise(
+            asm="{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 a, lo; "
+                "cvt.rn.f16x2.e4m3x2 b, hi; mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }",
+            constraints="=h,=h,=h,=h,r", args=[words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=1)
+    else:
+        # byte i's bits 0..6 (exponent, mantissa) go to fp16 bits 7..13, its sign (bit 7) to bit 15
+        e0 = (((words << 7) & 0x3F80) | ((words << 8) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
+        e1 = (((words >> 1) & 0x3F80) | (words & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
+        e2 = (((words >> 9) & 0x3F80) | ((words >> 8) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
+        e3 = (((words >> 17) & 0x3F80) | ((words >> 16) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
+    # join(join(e0, e2), join(e1, e3)) is [..., 2, 2] with [..., i, j] = e(2j + i)... reshaped row-major: e0 e1 e2 e3
+    return tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), words.shape + [4])

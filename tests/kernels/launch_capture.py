@@ -3,9 +3,9 @@ kernel launches a public wrapper makes so that they can be compiled exactly as t
 
 - `aot_compile_sm90(jobs)` compiles jobs (kernel, signature, constexprs, divisibility attrs, launch options) for
   sm_90 in a subprocess without TRITON_INTERPRET, using the ptxas/cuobjdump bundled with the Triton wheel, and
-  reports shared memory, local (spill/stack) bytes, registers and wgmma use. N4_AOT_TRITON_PATH (or the
-  `triton_path` argument) puts another Triton (e.g. a `pip install --target` of the GPU machine's 3.6.0) first on
-  the subprocess's PYTHONPATH, so the same jobs can be compiled by another version.
+  reports shared memory, local (spill/stack) bytes, registers, wgmma use and the SASS opcode counts.
+  N4_AOT_TRITON_PATH (or the `triton_path` argument) puts another Triton (e.g. a `pip install --target` of the GPU
+  machine's 3.6.0) first on the subprocess's PYTHONPATH, so the same jobs can be compiled by another version.
 - `capture_launches()` (TRITON_INTERPRET=1 only) patches the interpreter's `InterpretedFunction.run`, which every
   `kernel[grid](...)` call goes through, to record the launch instead of running it; outputs stay as the wrapper
   allocated them. Inside it, `kernels.*` modules see `interpreting() == False` (what a GPU run sees, so the
@@ -63,11 +63,16 @@ for job in json.loads(open(sys.argv[1]).read()):
             f.write(k.asm["cubin"])
             f.flush()
             usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        ops = {}
+        for op in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M):
+            ops[op] = ops.get(op, 0) + 1
         local = re.search(r"LOCAL:(\d+)", usage)
         regs = re.search(r"REG:(\d+)", usage)
         res.update({"shared": k.metadata.shared, "local": int(local.group(1)), "regs": int(regs.group(1)),
                     "wgmma": "wgmma.mma_async" in k.asm["ptx"],
-                    "setmaxnreg": "setmaxnreg" in k.asm["ptx"], "tma": "cp.async.bulk.tensor" in k.asm["ptx"]})
+                    "setmaxnreg": "setmaxnreg" in k.asm["ptx"], "tma": "cp.async.bulk.tensor" in k.asm["ptx"],
+                    "sass_ops": ops})
     except Exception as e:
         res["error"] = (type(e).__name__ + ": " + str(e))[-3000:]
     results.append(res)
@@ -87,7 +92,8 @@ def aot_compile_sm90(jobs: list[dict], raise_on_error: bool = True, triton_path:
     'i32', 'fp32'...; missing ones default to i32), constexprs, divisible (args the launcher sees as multiples of
     16; pointers are added unless exact_attrs), num_warps, num_stages, optional options (e.g. enable_fp_fusion),
     label. Returns per job, in order: shared bytes, local (spill/stack) bytes, registers, whether wgmma is used,
-    the Triton version, or error (the exception text; raised as a test failure when raise_on_error)."""
+    sass_ops (SASS opcode -> count in the cubin, predicates dropped), the Triton version, or error (the exception
+    text; raised as a test failure when raise_on_error)."""
     triton_path = triton_path if triton_path is not None else os.environ.get("N4_AOT_TRITON_PATH") or None
     bin_dir = _triton_dir(triton_path) / "backends" / "nvidia" / "bin"
     if not (bin_dir / "ptxas").exists() or not (bin_dir / "cuobjdump").exists():

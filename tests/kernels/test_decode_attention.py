@@ -20,7 +20,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.decode_attention import _auto_num_splits, paged_decode_attention, paged_decode_attention_ref
+from kernels.decode_attention import (
+    DecodeTiles,
+    _auto_num_splits,
+    _decode_launch,
+    _v_words_ready,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
 from kernels.paged_attention import paged_attention_ref
 
 FP8 = torch.float8_e4m3fn
@@ -155,6 +162,33 @@ def test_empty_batch():
     out = paged_decode_attention(**batch)
     assert out.shape == (0, 4, 64)
     assert paged_decode_attention_ref(**batch).shape == (0, 4, 64)
+
+
+@pytest.mark.parametrize("v_words", [True, False])
+@pytest.mark.parametrize("head_dim, q_dtype", [(192, torch.bfloat16), (64, torch.float16)])
+def test_fp8_values_read_as_words_or_bytes(head_dim, q_dtype, v_words):
+    """An FP8 V cache read as int32 words and converted in registers (the default where `_v_words_ready` holds), and
+    read per byte (v_words=False, the sweep's alternative): both match the ref."""
+    batch = _make_batch(SEQ_LENS, 12, 2, head_dim, 16, q_dtype, FP8, k_scale=0.5, v_scale=0.25, seed=11)
+    assert _v_words_ready(batch["q"], batch["v_cache"])
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "seq_lens", "block_tables", "max_seq_len", "scale",
+                               "k_scale", "v_scale")]
+    out = _decode_launch(*args, 3, DecodeTiles(32, 4, 2, v_words=v_words))
+    atol, rtol = TOLERANCES[q_dtype]
+    torch.testing.assert_close(out, paged_decode_attention_ref(**batch), atol=atol, rtol=rtol)
+
+
+def test_v_words_only_where_whole_aligned_words_exist():
+    q = torch.zeros(2, 4, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(8, 16, 2, 64, dtype=FP8)
+    assert _v_words_ready(q, cache)
+    assert _v_words_ready(q.half(), cache)
+    assert not _v_words_ready(q.float(), cache)                          # fp32 dots: per-value conversion
+    assert not _v_words_ready(q, cache.to(torch.bfloat16))               # not an FP8 cache
+    assert not _v_words_ready(q[..., :62], torch.zeros(8, 16, 2, 62, dtype=FP8))  # 62 values a head: no whole words
+    odd = torch.zeros(8, 16, 2, 65, dtype=FP8)[..., 1:]                  # head rows start 1 byte past a word
+    assert odd.shape[-1] == 64 and not _v_words_ready(q, odd)
+    assert not _v_words_ready(q, torch.zeros(8, 16, 2, 128, dtype=FP8)[..., ::2])  # values not adjacent
 
 
 def test_auto_num_splits_rule():

@@ -270,6 +270,14 @@ def test_launches_compile_for_sm90():
     assert not over, "shared memory over the sm_90 limit:\n" + "\n".join(over)
     spills = [_summary(j, r) for j, r in zip(chosen, results) if r["local"] and j["kernel"] not in SPILL_TOLERATED]
     assert not spills, "local memory (spills):\n" + "\n".join(spills)
+    # Decode over an FP8 cache reads V as words converted in registers (kernels/decode_attention.py): no byte-wide
+    # shared-memory loads, and V reaches the P @ V dot through transposing ldmatrix as a BF16 V does.
+    fp8_decode = [(j, r) for j, r in zip(chosen, results)
+                  if j["kernel"] == "_paged_decode_attention_kernel" and j["types"]["v_ptr"] == "*fp8e4nv"]
+    assert fp8_decode and all(j["constexprs"]["V_WORDS"] for j, _ in fp8_decode)
+    bytewise = [_summary(j, r) for j, r in fp8_decode
+                if r["sass_ops"].get("LDS.U8") or not any(op.startswith("LDSM.16.MT88") for op in r["sass_ops"])]
+    assert not bytewise, "FP8 decode reads V bytewise from shared memory:\n" + "\n".join(bytewise)
 
 
 def test_capture_restores_the_interpreter():

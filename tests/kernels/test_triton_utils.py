@@ -1,0 +1,29 @@
+"""The shared Triton helpers of kernels/triton_utils.py, under the interpreter (their compiled forms are covered by
+the kernels that use them: tests/kernels/test_sm90_launches.py and the GPU tests)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_utils import e4m3_words_to_f16
+
+FP8 = torch.float8_e4m3fn
+
+
+@triton.jit
+def _words_to_f16_kernel(src_ptr, dst_ptr, N: tl.constexpr):
+    words = tl.load(src_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, N // 4))  # [N // 4]
+    tl.store(dst_ptr + tl.arange(0, N), tl.reshape(e4m3_words_to_f16(words, False), [N]))       # [N] fp16
+
+
+def test_e4m3_words_to_f16_every_value_in_memory_order():
+    """All 254 non-NaN E4M3 bit patterns (both zeros, the subnormals, +-448), shuffled so that each byte position of
+    a word sees every kind: bitwise what torch's conversion gives, in memory order."""
+    bits = torch.arange(256, dtype=torch.int32)
+    bits = bits[(bits & 0x7F) != 0x7F].to(torch.uint8)                  # 0x7F / 0xFF are E4M3's NaNs
+    bits = bits[torch.randperm(bits.numel(), generator=torch.Generator().manual_seed(0))]
+    values = torch.cat([bits, bits[:2]]).view(FP8)                       # 256: whole words
+    out = torch.empty(256, dtype=torch.float16)
+    _words_to_f16_kernel[(1,)](values, out, N=256)
+    assert torch.equal(out.view(torch.int16), values.to(torch.float16).view(torch.int16))
