@@ -92,6 +92,9 @@ class BlockManager:
         Returns False and changes nothing when the free pool is too small. Pass computed_blocks (even []) only
         when the prefix cache was looked up: the hit metrics are counted here, on success, so a request blocked
         at the head of the waiting queue and looked up again every step is counted once."""
+        if computed_blocks is None and (request.num_computed_tokens + num_new_tokens
+                                        <= len(request.block_ids) * self.block_size):
+            return True   # the common decode step: the token fits the request's last block
         computed = computed_blocks or []
         if computed and request.block_ids:
             raise ValueError("computed_blocks can only be given when the request holds no blocks")

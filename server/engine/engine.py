@@ -213,39 +213,53 @@ class LLMEngine:
         return self._postprocess(batch, result, finished)
 
     def _postprocess(self, batch, result: RunnerOutput, finished: list[Request]) -> list[RequestOutput]:
+        """One RequestOutput per request that got a token, prompt logprobs or finished (a prompt chunk that did
+        neither reports nothing); the token counters. Per request this runs every step: lookups are hoisted."""
         finished_ids = {r.request_id for r in finished}
+        sampled, logprobs, rewards = result.sampled_token_ids, result.logprobs, result.rewards
+        prompt_logprobs = result.prompt_logprobs
+        prompt_tokens = generation_tokens = 0
         outputs = []
         for s in batch.scheduled:
             request = s.request
+            request_id = request.request_id
+            num_prompt_tokens = len(request.prompt_token_ids)
+            if s.start < num_prompt_tokens:
+                prompt_tokens += min(s.num_new_tokens, num_prompt_tokens - s.start)
+            token = sampled.get(request_id)
+            is_finished = request_id in finished_ids
+            if token is None and not is_finished and request_id not in prompt_logprobs:
+                continue
             out = self._make_output(request)
-            if s.start < request.num_prompt_tokens:
-                self.stats.prompt_tokens += min(s.num_new_tokens, request.num_prompt_tokens - s.start)
-            token = result.sampled_token_ids.get(request.request_id)
             if token is not None:
                 out.new_token_ids.append(token)
-                self.stats.generation_tokens += 1
-                if request.request_id in result.logprobs:
-                    out.new_logprobs.append(result.logprobs[request.request_id])
-            out.reward = result.rewards.get(request.request_id)
-            if request.request_id in result.prompt_logprobs:
-                first, entries = result.prompt_logprobs[request.request_id]
+                generation_tokens += 1
+                entry = logprobs.get(request_id)
+                if entry is not None:
+                    out.new_logprobs.append(entry)
+            if rewards:
+                out.reward = rewards.get(request_id)
+            if request_id in prompt_logprobs:
+                first, entries = prompt_logprobs[request_id]
                 out.prompt_logprobs = entries
                 request.num_prompt_logprobs_done = first - 1 + len(entries)
-            if out.new_token_ids or out.prompt_logprobs or request.request_id in finished_ids:
-                outputs.append(out)
+            outputs.append(out)
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.generation_tokens += generation_tokens
         for request in finished:
             self._release(request)
         return outputs
 
     def _make_output(self, request: Request) -> RequestOutput:
+        finish_reason = request.status.finish_reason
         return RequestOutput(
             request_id=request.request_id,
-            finished=request.is_finished,
-            finish_reason=request.status.finish_reason,
-            stop_token_id=request.stop_reason if request.is_finished else None,
-            num_prompt_tokens=request.num_prompt_tokens,
+            finished=finish_reason is not None,
+            finish_reason=finish_reason,
+            stop_token_id=request.stop_reason if finish_reason is not None else None,
+            num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=request.num_cached_tokens,
-            num_output_tokens=request.num_output_tokens,
+            num_output_tokens=len(request.output_token_ids),
             first_scheduled_time=request.first_scheduled_time,
         )
 

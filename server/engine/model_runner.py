@@ -111,12 +111,18 @@ class ModelRunner:
         positions: list[int] = []
         query_lens, seq_lens, block_tables = [], [], []
         for s in scheduled:
-            end = s.start + s.num_new_tokens
-            token_ids.extend(s.request.token_ids_between(s.start, end))
-            positions.extend(range(s.start, end))
-            query_lens.append(s.num_new_tokens)
-            seq_lens.append(end)
-            block_tables.append(s.request.block_ids)
+            request, start, count = s.request, s.start, s.num_new_tokens
+            if count == 1:   # a decode step: one token, the last one known (this loop runs per request per step)
+                num_prompt = len(request.prompt_token_ids)
+                token_ids.append(request.prompt_token_ids[start] if start < num_prompt
+                                 else request.output_token_ids[start - num_prompt])
+                positions.append(start)
+            else:
+                token_ids.extend(request.token_ids_between(start, start + count))
+                positions.extend(range(start, start + count))
+            query_lens.append(count)
+            seq_lens.append(start + count)
+            block_tables.append(request.block_ids)
         metadata = AttentionMetadata.build(query_lens, seq_lens, block_tables, self.block_size, self.device)
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)   # [T]
         position_ids = torch.tensor(positions, dtype=torch.int64, device=self.device)  # [T]
