@@ -86,6 +86,28 @@ def sweep_table(sweep: dict) -> list[str]:
     return lines
 
 
+def decode_variants_table(sweep: dict) -> list[str]:
+    """Decode attention's two questions for the next table: FP8 V as words vs per byte (the best tile of each), and
+    the context split count (forced counts against the default's auto rule)."""
+    lines = ["| shape | default ms | best, V as words | best, V per byte | words vs bytes speed | forced splits: ms |",
+             "|---|---|---|---|---|---|"]
+    for case in sweep.get("cases", []):
+        if case["kernel"] != "decode_attention":
+            continue
+        timed = [c for c in case["configs"] if c.get("correct") and c.get("ms")]
+        tiles = [c for c in timed if (c["config"] or {}).get("num_splits") is None]
+        words = min((c["ms"] for c in tiles if (c["config"] or {}).get("v_words") is not False), default=None)
+        bytewise = min((c["ms"] for c in tiles if (c["config"] or {}).get("v_words") is False), default=None)
+        splits = sorted((c["config"]["num_splits"], c["ms"]) for c in timed
+                        if (c["config"] or {}).get("num_splits") is not None)
+        fp8 = "kv=fp8" in case["shape"]
+        lines.append(f"| {case['shape']} | {_f(case.get('default_ms'), 4)} | {_f(words, 4) if fp8 else '-'} | "
+                     f"{_f(bytewise, 4) if fp8 else '-'} | "
+                     f"{_f(bytewise / words, 2) if fp8 and words and bytewise else '-'} | "
+                     f"{', '.join(f'{n}: {ms:.4f}' for n, ms in splits) or '-'} |")
+    return lines
+
+
 def render(report: dict) -> str:
     out = [f"GPU: {report.get('device')} ({report.get('nvidia_smi', '')}); torch {report.get('torch')}, "
            f"Triton {report.get('triton')}, CUDA {report.get('cuda')}; {report.get('date')}.", ""]
@@ -102,6 +124,9 @@ def render(report: dict) -> str:
             out.append("")
         out += table(report[step])
         out.append("")
+        if step == "sweep" and any(c["kernel"] == "decode_attention" for c in report[step].get("cases", [])):
+            out += ["#### Decode attention: FP8 V as words or bytes, and split counts", ""]
+            out += decode_variants_table(report[step]) + [""]
     if "correctness" in report:
         c = report["correctness"]
         out.append(f"Compiled-kernel tests: {c.get('summary')}" + (f"; failed: {', '.join(c['failed'])}"
