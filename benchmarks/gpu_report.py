@@ -87,24 +87,26 @@ def sweep_table(sweep: dict) -> list[str]:
 
 
 def decode_variants_table(sweep: dict) -> list[str]:
-    """Decode attention's two questions for the next table: FP8 V as words vs per byte (the best tile of each), and
-    the context split count (forced counts against the default's auto rule)."""
-    lines = ["| shape | default ms | best, V as words | best, V per byte | words vs bytes speed | forced splits: ms |",
-             "|---|---|---|---|---|---|"]
+    """Decode attention's questions for the next table: FP8 V as words vs per byte (the best tile of each), a head
+    of 192 in two parts vs one padded to 256, and the context split count (forced counts against the auto rule)."""
+    lines = ["| shape | default ms | best, V as words | best, V per byte | words vs bytes speed | best, head padded "
+             "| forced splits: ms |", "|---|---|---|---|---|---|---|"]
     for case in sweep.get("cases", []):
         if case["kernel"] != "decode_attention":
             continue
         timed = [c for c in case["configs"] if c.get("correct") and c.get("ms")]
         tiles = [c for c in timed if (c["config"] or {}).get("num_splits") is None]
-        words = min((c["ms"] for c in tiles if (c["config"] or {}).get("v_words") is not False), default=None)
-        bytewise = min((c["ms"] for c in tiles if (c["config"] or {}).get("v_words") is False), default=None)
+        split = [c for c in tiles if (c["config"] or {}).get("split_head") is not False]
+        words = min((c["ms"] for c in split if (c["config"] or {}).get("v_words") is not False), default=None)
+        bytewise = min((c["ms"] for c in split if (c["config"] or {}).get("v_words") is False), default=None)
+        padded = min((c["ms"] for c in tiles if (c["config"] or {}).get("split_head") is False), default=None)
         splits = sorted((c["config"]["num_splits"], c["ms"]) for c in timed
                         if (c["config"] or {}).get("num_splits") is not None)
         fp8 = "kv=fp8" in case["shape"]
         lines.append(f"| {case['shape']} | {_f(case.get('default_ms'), 4)} | {_f(words, 4) if fp8 else '-'} | "
                      f"{_f(bytewise, 4) if fp8 else '-'} | "
                      f"{_f(bytewise / words, 2) if fp8 and words and bytewise else '-'} | "
-                     f"{', '.join(f'{n}: {ms:.4f}' for n, ms in splits) or '-'} |")
+                     f"{_f(padded, 4) if padded else '-'} | {', '.join(f'{n}: {ms:.4f}' for n, ms in splits) or '-'} |")
     return lines
 
 
@@ -125,7 +127,7 @@ def render(report: dict) -> str:
         out += table(report[step])
         out.append("")
         if step == "sweep" and any(c["kernel"] == "decode_attention" for c in report[step].get("cases", [])):
-            out += ["#### Decode attention: FP8 V as words or bytes, and split counts", ""]
+            out += ["#### Decode attention: FP8 V as words or bytes, the head in parts or padded, split counts", ""]
             out += decode_variants_table(report[step]) + [""]
     if "correctness" in report:
         c = report["correctness"]

@@ -6,8 +6,9 @@ side on the model shapes, so that its table in kernels/ is chosen from measureme
   MLP's down projection) at decode sizes;
 - the fused MLP's up projection (relu^2 + FP8 group quantization epilogue): K tile, warps, stages;
 - the experimental CUDA-core FP8 GEMV (benchmarks/fp8_gemv.py) at M = 1, beside the production fp8_gemm;
-- decode attention: keys per tile, warps, stages, BF16 and FP8 caches (FP8 V as words and per byte), the context
-  split count where few (sequence, KV head) pairs leave SMs idle, beside SDPA on dense K/V;
+- decode attention: keys per tile, warps, stages, BF16 and FP8 caches (FP8 V as words and per byte; head_dim 192 as
+  128 + 64 and padded to 256), the context split count where few (sequence, KV head) pairs leave SMs idle, beside
+  SDPA on dense K/V;
 - prefill attention: score rows, keys per tile, warps, stages, beside SDPA pinned to FlashAttention (the default
   dispatch where flash refuses the case).
 
@@ -210,7 +211,8 @@ def _mlp_up_case(model: str, m: int, tma: bool = False) -> SweepCase:
 
 def _decode_case(model: str, batch: int, ctx: int, kv_dtype) -> SweepCase:
     from kernels.decode_attention import DecodeTiles, _decode_launch, default_decode_tiles
-    heads, kv_heads, d = {"15b": (48, 8, 128), "340b-tp8": (12, 1, 192), "tiny": (6, 1, 64)}[model]
+    # tiny: head_dim 96 (64 + 32), so the smoke run takes the split-head rows too
+    heads, kv_heads, d = {"15b": (48, 8, 128), "340b-tp8": (12, 1, 192), "tiny": (6, 1, 96)}[model]
     fp8 = kv_dtype == FP8
 
     def make(device):
@@ -238,6 +240,8 @@ def _decode_case(model: str, batch: int, ctx: int, kv_dtype) -> SweepCase:
     configs = ([DecodeTiles(32, 4, 2)] if SMOKE else [DecodeTiles(n, w, s) for n, w in tiles for s in (2, 3, 4)])
     if fp8:  # FP8 V read per byte (the path before words) beside the default, words; 2 stages
         configs += [DecodeTiles(n, w, 2, v_words=False) for n, w in tiles[:1 if SMOKE else None]]
+    if d & (d - 1):  # the head in one part padded to a power of two (before the split), beside the default split
+        configs += [DecodeTiles(n, w, 2, split_head=False) for n, w in tiles[:1 if SMOKE else None]]
     if not SMOKE and (batch * kv_heads < 132 or model == "340b-tp8"):
         # Few (sequence, KV head) pairs: the context split count sets the grid. The auto rule's 5 splits for the
         # 340B rank at batch 64 make 320 programs, 2.4 an SM: whole waves may do better (e.g. 8 -> 512).

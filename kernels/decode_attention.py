@@ -29,6 +29,10 @@ Kernel: two stages.
    late, that is one byte per shared-memory load. The 15B kernel compiled for sm_90 by Triton 3.6 had 128 `LDS.U8`
    among 2176 SASS instructions; reading words it has none among 1648, and V takes transposing `ldmatrix` as a BF16
    V does (340B-TP8 rank, head_dim 192: 64 `LDS.U8` among 1584, none among 1240).
+   A head_dim that is not a power of two runs as two power-of-two parts (`split_head_dim`, as prefill does):
+   192 = 128 + 64, each part its own loads and dots, rather than one part padded to 256. For the 340B-TP8 rank
+   (sm_90, Triton 3.6, BF16 cache) that is 24 MMAs a tile instead of 32, 24 cp.async copies instead of 32 (masked
+   columns were copied as zeros), and 992 SASS instructions instead of 1240 (FP8 cache: 1112 instead of 1240).
 2. `_decode_reduce_kernel`, grid (B, Hq), merges the splits of one (sequence, head) with log-sum-exp rescaling.
    A split that holds no token of its sequence (short sequences in a long batch) has max -inf and sum 0 and gets
    weight exactly 0.
@@ -44,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import e4m3_words_to_f16, interpreting, mma
+from kernels.triton_utils import e4m3_words_to_f16, interpreting, mma, split_head_dim
 
 # SMs of an H100 SXM / H200; used when no CUDA device can be asked (the interpreter), so the split rule is the same.
 _DEFAULT_SM_COUNT = 132
@@ -53,8 +57,9 @@ _PROGRAMS_PER_SM = 2
 # A split below ~256 tokens spends too much of its time on the fixed cost per program (loading q, writing a partial
 # of G * D fp32 that stage 2 reads back, filling the load pipeline) next to its K/V bytes (D=128 BF16: 128 KiB).
 _MIN_SPLIT_TOKENS = 256
-# Tokens per K/V tile: the tile (BLOCK_N x BLOCK_D) is capped at 8192 elements, 16 KiB per operand in 16-bit types,
-# which keeps K, V, q and the accumulator in registers at 4 warps for every head_dim up to 256.
+# Tokens per K/V tile: the tile (BLOCK_N x head_dim rounded up to a power of two) is capped at 8192 elements, 16 KiB
+# per operand in 16-bit types, which keeps K, V, q and the accumulator in registers at 4 warps for every head_dim up
+# to 256.
 _TILE_ELEMENTS = 8192
 _MAX_HEAD_DIM = 256
 _QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -103,6 +108,44 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 @triton.jit
+def _q_part(q_row, offs_d, g_mask, stride_qd, HEAD_DIM: tl.constexpr, FP16_DOTS: tl.constexpr):
+    """Columns offs_d of the group's query rows: [BLOCK_G, len(offs_d)], 0 past HEAD_DIM and on padding rows."""
+    q = tl.load(q_row[:, None] + offs_d[None, :] * stride_qd, mask=g_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+                other=0.0)
+    if FP16_DOTS:
+        # FP8 cache, bf16 q: the dots run in fp16. E4M3 -> fp16 is one conversion per two values on sm_90, where
+        # E4M3 -> bf16 goes through fp32; every E4M3 value and every bf16 q in [6e-5, 65504] is exact in fp16 (more
+        # mantissa than bf16), and q beyond that range saturates instead of becoming inf.
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
+def _kv_part(head_ptr, slots, offs_d, tok_mask, stride_d, HEAD_DIM: tl.constexpr):
+    """Columns offs_d of the tile's K or V rows as stored: [BLOCK_N, len(offs_d)]; masked-off tokens and columns
+    past HEAD_DIM read 0, never the cache."""
+    return tl.load(head_ptr + slots[:, None] + offs_d[None, :] * stride_d,
+                   mask=tok_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _v_words_part(v_words, slots, tok_mask, FIRST: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  ASM_CVT: tl.constexpr):
+    """Columns FIRST .. FIRST + WIDTH of an FP8 V tile read as int32 words (4 values each) and converted to fp16 in
+    registers, before the tile's trip through shared memory (see e4m3_words_to_f16): [BLOCK_N, WIDTH] fp16."""
+    offs_w = FIRST // 4 + tl.arange(0, WIDTH // 4)
+    words = tl.load(v_words + (slots // 4)[:, None] + offs_w[None, :],
+                    mask=tok_mask[:, None] & (offs_w[None, :] < HEAD_DIM // 4), other=0)  # [BLOCK_N, WIDTH // 4]
+    return tl.reshape(e4m3_words_to_f16(words, ASM_CVT), [slots.shape[0], WIDTH])
+
+
+@triton.jit
+def _store_part(rows_ptr, offs_d, values, g_mask, stride_d, HEAD_DIM: tl.constexpr):
+    tl.store(rows_ptr[:, None] + offs_d[None, :] * stride_d, values.to(rows_ptr.dtype.element_ty),
+             mask=g_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
 def _paged_decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_tables_ptr,
         out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
@@ -113,9 +156,13 @@ def _paged_decode_attention_kernel(
         stride_tb, stride_tn,
         stride_ob, stride_oh, stride_od,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+        HAS_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
         FP16_DOTS: tl.constexpr, V_WORDS: tl.constexpr, ASM_CVT: tl.constexpr):
+    """Head dims in two parts, as in prefill (`split_head_dim`): columns [0, BLOCK_DA) and, with HAS_TAIL,
+    [BLOCK_DA, BLOCK_DA + BLOCK_DB). Each dot runs once per part and the scores add up; 192 = 128 + 64 wastes no
+    MMA work on padding, where one 256-wide part would do a third more. Without HAS_TAIL, BLOCK_DA covers the head
+    (rounded up to a power of two) and the _b values are never used."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -128,31 +175,26 @@ def _paged_decode_attention_kernel(
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_da = tl.arange(0, BLOCK_DA)
+    offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
     g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM  # BLOCK_D is HEAD_DIM rounded up to a power of two (192 -> 256)
     heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of this KV head; rows >= GROUP are padding
 
     seq64 = seq.to(tl.int64)
-    q_ptrs = q_ptr + seq64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    if FP16_DOTS:
-        # FP8 cache, bf16 q: the dots run in fp16. E4M3 -> fp16 is one conversion per two values on sm_90, where
-        # E4M3 -> bf16 goes through fp32; every E4M3 value and every bf16 q in [6e-5, 65504] is exact in fp16 (more
-        # mantissa than bf16), and q beyond that range saturates instead of becoming inf.
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    q_row = q_ptr + seq64 * stride_qb + heads * stride_qh                                   # [BLOCK_G]
+    q_a = _q_part(q_row, offs_da, g_mask, stride_qd, HEAD_DIM, FP16_DOTS)                   # [BLOCK_G, BLOCK_DA]
+    q_b = _q_part(q_row, offs_db, g_mask, stride_qd, HEAD_DIM, FP16_DOTS) if HAS_TAIL else q_a
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the log2-scaled scores
     l_i = tl.zeros([BLOCK_G], tl.float32)                 # running sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)        # running sum of p @ V (unnormalized)
+    acc_a = tl.zeros([BLOCK_G, BLOCK_DA], tl.float32)     # running sum of p @ V (unnormalized), per part
+    acc_b = tl.zeros([BLOCK_G, BLOCK_DB], tl.float32)
 
     table_row = block_tables_ptr + seq64 * stride_tb
     k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
-    if V_WORDS:  # FP8 V as int32 words of 4 values (the launcher checked 4-byte alignment and stride_vd == 1)
-        v_words = v_head.to(tl.pointer_type(tl.int32), bitcast=True)
-        offs_w = tl.arange(0, BLOCK_D // 4)
-        w_mask = offs_w < HEAD_DIM // 4
+    # FP8 V as int32 words of 4 values (the launcher checked 4-byte alignment and stride_vd == 1).
+    v_words = v_head.to(tl.pointer_type(tl.int32), bitcast=True) if V_WORDS else v_head
     for tile_start in range(start, end, BLOCK_N):
         tok = tile_start + offs_n                          # [BLOCK_N] positions in the sequence
         tok_mask = tok < end
@@ -160,41 +202,49 @@ def _paged_decode_attention_kernel(
         block = tl.load(table_row + (tok // CACHE_BLOCK) * stride_tn, mask=tok_mask, other=0).to(tl.int64)
         slot_k = block * stride_kb + (tok % CACHE_BLOCK) * stride_kt  # [BLOCK_N] int64
         slot_v = block * stride_vb + (tok % CACHE_BLOCK) * stride_vt  # [BLOCK_N] int64
-        kv_mask = tok_mask[:, None] & d_mask[None, :]
 
-        k = tl.load(k_head + slot_k[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         # FP8 E4M3 converts exactly to bf16/fp16/fp32, so the dot sees the stored values; k_scale is in qk_scale.
-        s = mma(q, tl.trans(k.to(q.dtype)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), DOT_UPCAST, DOT_PRECISION)
+        k_a = _kv_part(k_head, slot_k, offs_da, tok_mask, stride_kd, HEAD_DIM).to(q_a.dtype)  # [BLOCK_N, BLOCK_DA]
+        s = mma(q_a, tl.trans(k_a), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), DOT_UPCAST, DOT_PRECISION)
+        if HAS_TAIL:
+            k_b = _kv_part(k_head, slot_k, offs_db, tok_mask, stride_kd, HEAD_DIM).to(q_b.dtype)
+            s = mma(q_b, tl.trans(k_b), s, DOT_UPCAST, DOT_PRECISION)
         s = tl.where(tok_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N] fp32, log2 units
 
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one valid token
         alpha = tl.exp2(m_i - m_new)           # 0 on the first tile (m_i = -inf)
         p = tl.exp2(s - m_new[:, None])        # [BLOCK_G, BLOCK_N]; 0 on masked tokens
         l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(q_a.dtype)                    # the P @ V dots' operand
 
         if V_WORDS:
-            # Converted to fp16 in registers, before the tile's trip through shared memory (see e4m3_words_to_f16).
-            words = tl.load(v_words + (slot_v // 4)[:, None] + offs_w[None, :],
-                            mask=tok_mask[:, None] & w_mask[None, :], other=0)  # [BLOCK_N, BLOCK_D // 4] int32
-            v = tl.reshape(e4m3_words_to_f16(words, ASM_CVT), [BLOCK_N, BLOCK_D])  # [BLOCK_N, BLOCK_D] fp16
+            v_a = _v_words_part(v_words, slot_v, tok_mask, 0, BLOCK_DA, HEAD_DIM, ASM_CVT)   # [BLOCK_N, BLOCK_DA]
         else:
-            v = tl.load(v_head + slot_v[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc = mma(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], DOT_UPCAST, DOT_PRECISION)
+            v_a = _kv_part(v_head, slot_v, offs_da, tok_mask, stride_vd, HEAD_DIM).to(q_a.dtype)
+        acc_a = mma(p, v_a, acc_a * alpha[:, None], DOT_UPCAST, DOT_PRECISION)
+        if HAS_TAIL:
+            if V_WORDS:
+                v_b = _v_words_part(v_words, slot_v, tok_mask, BLOCK_DA, BLOCK_DB, HEAD_DIM, ASM_CVT)
+            else:
+                v_b = _kv_part(v_head, slot_v, offs_db, tok_mask, stride_vd, HEAD_DIM).to(q_b.dtype)
+            acc_b = mma(p, v_b, acc_b * alpha[:, None], DOT_UPCAST, DOT_PRECISION)
         m_i = m_new
 
-    acc = acc * v_scale
-    row_mask = g_mask[:, None] & d_mask[None, :]
     if SINGLE_SPLIT:
         # The only split holds the whole sequence: normalize here and skip stage 2.
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # seq_len 0: acc is 0 and so is the output
-        out_ptrs = out_ptr + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        inv_l = v_scale / tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0: acc is 0 and so is the output
+        out_row = out_ptr + seq64 * stride_ob + heads * stride_oh                         # [BLOCK_G]
+        _store_part(out_row, offs_da, acc_a * inv_l[:, None], g_mask, stride_od, HEAD_DIM)
+        if HAS_TAIL:
+            _store_part(out_row, offs_db, acc_b * inv_l[:, None], g_mask, stride_od, HEAD_DIM)
     else:
         # Scratch is contiguous: max/sum [B, Hq, num_splits], acc [B, Hq, num_splits, HEAD_DIM].
         rows = (seq64 * num_heads + heads) * num_splits + split  # [BLOCK_G] int64
         tl.store(part_max_ptr + rows, m_i, mask=g_mask)
         tl.store(part_sum_ptr + rows, l_i, mask=g_mask)
-        tl.store(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_mask)
+        _store_part(part_acc_ptr + rows * HEAD_DIM, offs_da, acc_a * v_scale, g_mask, 1, HEAD_DIM)
+        if HAS_TAIL:
+            _store_part(part_acc_ptr + rows * HEAD_DIM, offs_db, acc_b * v_scale, g_mask, 1, HEAD_DIM)
 
 
 @triton.jit
@@ -310,6 +360,8 @@ class DecodeTiles:
     num_stages: int
     v_words: bool | None = None  # FP8 V read as int32 words where `_v_words_ready`; False: per byte
     num_splits: int | None = None  # used when the launch's num_splits is None; None: `_auto_num_splits`
+    split_head: bool | None = None  # head dims as split_head_dim's parts (192 = 128 + 64); False: one part
+                                    # rounded up to a power of two (192 -> 256, the layout before the split)
 
 
 def default_decode_tiles(head_dim: int, block_size: int, fp8_cache: bool) -> DecodeTiles:
@@ -336,6 +388,7 @@ def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, sca
     fp8_cache = k_cache.dtype == torch.float8_e4m3fn
     tiles = tiles or default_decode_tiles(head_dim, block_size, fp8_cache)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    block_da, block_db = split_head_dim(head_dim) if tiles.split_head is not False else (block_d, 0)
     block_n, num_warps, num_stages = max(block_size, tiles.block_n), tiles.num_warps, tiles.num_stages
     v_words = _v_words_ready(q, v_cache) and tiles.v_words is not False
     if num_splits is None:
@@ -361,7 +414,8 @@ def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, sca
         float(scale) * float(k_scale) * math.log2(math.e), float(v_scale), tokens_per_split,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, CACHE_BLOCK=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_DA=block_da,
+        BLOCK_DB=max(block_db, 16), HAS_TAIL=block_db > 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16 and not fp8_cache, SINGLE_SPLIT=single,
         FP16_DOTS=fp8_cache and q.dtype == torch.bfloat16, V_WORDS=v_words, ASM_CVT=not interpreting(),

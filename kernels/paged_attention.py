@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, mma
+from kernels.triton_utils import interpreting, mma, split_head_dim
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -284,14 +284,6 @@ _Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _split_head_dim(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_DA, BLOCK_DB): a power-of-two head part and a power-of-two tail (0: none), both >= 16 (tl.dot's K).
-    64 -> (64, 0), 128 -> (128, 0), 192 -> (128, 64), 80 -> (64, 16), 72 -> (64, 16) with the tail masked."""
-    block_da = max(16, 1 << (head_dim.bit_length() - 1))
-    tail = head_dim - block_da
-    return block_da, (max(16, triton.next_power_of_2(tail)) if tail > 0 else 0)
-
-
 def _launch_config(head_dim: int, group: int, elem_bytes: int, fp8_cache: bool = False) -> dict:
     """BLOCK_R score rows (TILE_M tokens x G heads), BLOCK_N keys per tile, warps and pipeline stages for sm_90.
 
@@ -379,7 +371,7 @@ def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
     if num_tokens == 0 or num_seqs == 0:
         return out
 
-    block_da, block_db = _split_head_dim(head_dim)
+    block_da, block_db = split_head_dim(head_dim)
     cfg = cfg or _launch_config(head_dim, group, q.element_size(), k_cache.dtype == torch.float8_e4m3fn)
     tile_m = cfg["BLOCK_R"] // group                                         # tokens per program
     grid = (num_tokens // tile_m + num_seqs, num_kv_heads)                   # >= sum_b cdiv(q_len_b, TILE_M)

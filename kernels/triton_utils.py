@@ -1,5 +1,5 @@
-"""Pieces every Triton kernel here shares: interpreter detection, a dot that survives the interpreter, and
-rounding onto the FP8 E4M3 grid.
+"""Pieces the Triton kernels here share: interpreter detection, the split of a head into power-of-two parts, a dot
+that survives the interpreter, rounding onto the FP8 E4M3 grid, and E4M3 words converted to fp16 in registers.
 
 Why they exist (Triton 3.9's CPU interpreter, TRITON_INTERPRET=1, which CI uses to test every kernel):
 - `tl.dot` on bf16 tiles multiplies the raw uint16 storage (triton-lang/triton#11584): errors ~1e9. `mma` with
@@ -20,6 +20,14 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET") == "1" or bool(triton.knobs.runtime.interpret)
+
+
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_DA, BLOCK_DB): a power-of-two head part and a power-of-two tail (0: none), both >= 16 (tl.dot's K).
+    64 -> (64, 0), 128 -> (128, 0), 192 -> (128, 64), 80 -> (64, 16), 72 -> (64, 16) with the tail masked."""
+    block_da = max(16, 1 << (head_dim.bit_length() - 1))
+    tail = head_dim - block_da
+    return block_da, (max(16, triton.next_power_of_2(tail)) if tail > 0 else 0)
 
 
 @triton.jit

@@ -53,17 +53,18 @@ def test_step_phases_table():
 
 
 def test_decode_variants_table():
-    """FP8 V as words against per byte (each its best tile) and the forced split counts, per decode case."""
+    """FP8 V as words against per byte (each its best tile), the head padded, and the forced split counts."""
     def row(ms, **config):
         return {"config": {"block_n": 32, "num_warps": 4, "num_stages": 2, "v_words": None, "num_splits": None,
                            **config}, "correct": True, "ms": ms}
     fp8 = {"kernel": "decode_attention", "shape": "340b-tp8 B=64 ctx=4096 kv=fp8", "default_ms": 0.08,
            "configs": [row(0.08), row(0.07, num_warps=8), row(0.10, v_words=False), row(0.12, v_words=False,
                                                                                         num_warps=8),
-                       row(0.06, num_splits=8), row(0.09, num_splits=2),
+                       row(0.06, num_splits=8), row(0.09, num_splits=2), row(0.05, split_head=False),
                        {"config": {"block_n": 64, "v_words": False}, "correct": False, "ms": 0.01}]}
     bf16 = {"kernel": "decode_attention", "shape": "15b B=64 ctx=4096 kv=bf16", "default_ms": 0.25,
             "configs": [row(0.25)]}
     text = render({"device": "x", "sweep": {"cases": [fp8, bf16]}})
-    assert "| 340b-tp8 B=64 ctx=4096 kv=fp8 | 0.0800 | 0.0700 | 0.1000 | 1.43 | 2: 0.0900, 8: 0.0600 |" in text
-    assert "| 15b B=64 ctx=4096 kv=bf16 | 0.2500 | - | - | - | - |" in text
+    assert ("| 340b-tp8 B=64 ctx=4096 kv=fp8 | 0.0800 | 0.0700 | 0.1000 | 1.43 | 0.0500 | 2: 0.0900, 8: 0.0600 |"
+            in text)
+    assert "| 15b B=64 ctx=4096 kv=bf16 | 0.2500 | - | - | - | - | - |" in text

@@ -164,18 +164,22 @@ def test_empty_batch():
     assert paged_decode_attention_ref(**batch).shape == (0, 4, 64)
 
 
-@pytest.mark.parametrize("v_words", [True, False])
-@pytest.mark.parametrize("head_dim, q_dtype", [(192, torch.bfloat16), (64, torch.float16)])
-def test_fp8_values_read_as_words_or_bytes(head_dim, q_dtype, v_words):
-    """An FP8 V cache read as int32 words and converted in registers (the default where `_v_words_ready` holds), and
-    read per byte (v_words=False, the sweep's alternative): both match the ref."""
-    batch = _make_batch(SEQ_LENS, 12, 2, head_dim, 16, q_dtype, FP8, k_scale=0.5, v_scale=0.25, seed=11)
-    assert _v_words_ready(batch["q"], batch["v_cache"])
+@pytest.mark.parametrize("split_head", [None, False])
+@pytest.mark.parametrize("v_words", [None, False])
+@pytest.mark.parametrize("head_dim, q_dtype, cache_dtype", [(192, torch.bfloat16, FP8), (64, torch.float16, FP8),
+                                                            (96, torch.float16, FP8), (192, torch.bfloat16, None)])
+def test_launch_variants_match_ref(head_dim, q_dtype, cache_dtype, v_words, split_head):
+    """The sweep's alternatives to the defaults: an FP8 V cache read per byte instead of as int32 words converted in
+    registers (v_words=False), and the head in one power-of-two part instead of `split_head_dim`'s two
+    (split_head=False: 192 -> 256 and 96 -> 128 instead of 128 + 64 and 64 + 32). All match the ref, splits too."""
+    batch = _make_batch(SEQ_LENS, 12, 2, head_dim, 16, q_dtype, cache_dtype, k_scale=0.5, v_scale=0.25, seed=11)
+    assert _v_words_ready(batch["q"], batch["v_cache"]) == (cache_dtype == FP8)
     args = [batch[k] for k in ("q", "k_cache", "v_cache", "seq_lens", "block_tables", "max_seq_len", "scale",
                                "k_scale", "v_scale")]
-    out = _decode_launch(*args, 3, DecodeTiles(32, 4, 2, v_words=v_words))
-    atol, rtol = TOLERANCES[q_dtype]
-    torch.testing.assert_close(out, paged_decode_attention_ref(**batch), atol=atol, rtol=rtol)
+    for num_splits in (1, 3):
+        out = _decode_launch(*args, num_splits, DecodeTiles(32, 4, 2, v_words=v_words, split_head=split_head))
+        atol, rtol = TOLERANCES[q_dtype]
+        torch.testing.assert_close(out, paged_decode_attention_ref(**batch), atol=atol, rtol=rtol)
 
 
 def test_v_words_only_where_whole_aligned_words_exist():

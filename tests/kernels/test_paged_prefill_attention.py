@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from kernels import paged_attention as pa
+from kernels.triton_utils import split_head_dim
 from kernels.paged_attention import paged_attention_ref, paged_prefill_attention
 
 FP8 = torch.float8_e4m3fn
@@ -281,7 +282,7 @@ def test_kv_tma_variants_compile_for_sm90_without_spills():
     jobs = []
     for head_dim, group, block_n, stages, cache in [(128, 6, 64, 3, "bf16"), (128, 6, 128, 3, "bf16"),
                                                     (192, 12, 64, 2, "bf16"), (192, 12, 32, 3, "fp8e4nv")]:
-        block_da, block_db = pa._split_head_dim(head_dim)
+        block_da, block_db = split_head_dim(head_dim)
         types = {"q_ptr": "*bf16", "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", "out_ptr": "*bf16", "qsl_ptr": "*i32",
                  "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "qk_scale": "fp32", "v_scale": "fp32",
                  "k_desc_a": f"tensordesc<{cache}[{block_n}, {block_da}]>",
