@@ -27,8 +27,8 @@ Kernel: two stages.
    head_dim, the cache's contiguous axis); V is read as int32 words and converted in registers before its trip
    through shared memory (`e4m3_words_to_f16`), because the operand layout reads V along the key axis: converted
    late, that is one byte per shared-memory load. The 15B kernel compiled for sm_90 by Triton 3.6 had 128 `LDS.U8`
-   among 2176 SASS instructions; reading words it has none among 1648, and V takes transposing `ldmatrix` as a BF16
-   V does (340B-TP8 rank, head_dim 192: 64 `LDS.U8` among 1584, none among 1240).
+   among 2176 SASS instructions; reading words it has none among 1680, and V takes transposing `ldmatrix` as a BF16
+   V does (340B-TP8 rank: 64 `LDS.U8` before, none now).
    A head_dim that is not a power of two runs as two power-of-two parts (`split_head_dim`, as prefill does):
    192 = 128 + 64, each part its own loads and dots, rather than one part padded to 256. For the 340B-TP8 rank
    (sm_90, Triton 3.6, BF16 cache) that is 24 MMAs a tile instead of 32, 24 cp.async copies instead of 32 (masked
