@@ -2,6 +2,7 @@
 the kernels that use them: tests/kernels/test_sm90_launches.py and the GPU tests)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import triton
 import triton.language as tl
@@ -12,18 +13,32 @@ FP8 = torch.float8_e4m3fn
 
 
 @triton.jit
-def _words_to_f16_kernel(src_ptr, dst_ptr, N: tl.constexpr):
+def _words_to_f16_kernel(src_ptr, dst_ptr, N: tl.constexpr, ASM: tl.constexpr):
     words = tl.load(src_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, N // 4))  # [N // 4]
-    tl.store(dst_ptr + tl.arange(0, N), tl.reshape(e4m3_words_to_f16(words, False), [N]))       # [N] fp16
+    tl.store(dst_ptr + tl.arange(0, N), tl.reshape(e4m3_words_to_f16(words, ASM), [N]))         # [N] fp16
 
 
-def test_e4m3_words_to_f16_every_value_in_memory_order():
+def _every_e4m3_value(device: str = "cpu") -> torch.Tensor:
     """All 254 non-NaN E4M3 bit patterns (both zeros, the subnormals, +-448), shuffled so that each byte position of
-    a word sees every kind: bitwise what torch's conversion gives, in memory order."""
+    a word sees every kind; 256 values, whole words."""
     bits = torch.arange(256, dtype=torch.int32)
     bits = bits[(bits & 0x7F) != 0x7F].to(torch.uint8)                  # 0x7F / 0xFF are E4M3's NaNs
     bits = bits[torch.randperm(bits.numel(), generator=torch.Generator().manual_seed(0))]
-    values = torch.cat([bits, bits[:2]]).view(FP8)                       # 256: whole words
+    return torch.cat([bits, bits[:2]]).view(FP8).to(device)
+
+
+def test_e4m3_words_to_f16_every_value_in_memory_order():
+    """The interpreter's bit-level conversion: bitwise what torch's conversion gives, in memory order."""
+    values = _every_e4m3_value()
     out = torch.empty(256, dtype=torch.float16)
-    _words_to_f16_kernel[(1,)](values, out, N=256)
+    _words_to_f16_kernel[(1,)](values, out, N=256, ASM=False)
     assert torch.equal(out.view(torch.int16), values.to(torch.float16).view(torch.int16))
+
+
+@pytest.mark.gpu
+def test_e4m3_words_to_f16_inline_asm_on_the_gpu():
+    """The compiled path (cvt.rn.f16x2.e4m3x2 on each half of a word): the byte order and the values, bitwise."""
+    values = _every_e4m3_value("cuda")
+    out = torch.empty(256, dtype=torch.float16, device="cuda")
+    _words_to_f16_kernel[(1,)](values, out, N=256, ASM=True)
+    assert torch.equal(out.view(torch.int16).cpu(), values.to(torch.float16).view(torch.int16).cpu())
