@@ -81,5 +81,5 @@ def e4m3_words_to_f16(words, ASM: tl.constexpr):
         e1 = (((words >> 1) & 0x3F80) | (words & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
         e2 = (((words >> 9) & 0x3F80) | ((words >> 8) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
         e3 = (((words >> 17) & 0x3F80) | ((words >> 16) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
-    # join(join(e0, e2), join(e1, e3)) is [..., 2, 2] with [..., i, j] = e(2j + i)... reshaped row-major: e0 e1 e2 e3
+    # join(join(e0, e2), join(e1, e3)) is [..., 2, 2] with [..., i, j] = e(2i + j): row-major, e0 e1 e2 e3
     return tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), words.shape + [4])
