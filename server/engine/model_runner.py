@@ -112,10 +112,8 @@ class ModelRunner:
         query_lens, seq_lens, block_tables = [], [], []
         for s in scheduled:
             request, start, count = s.request, s.start, s.num_new_tokens
-            if count == 1:   # a decode step: one token, the last one known (this loop runs per request per step)
-                num_prompt = len(request.prompt_token_ids)
-                token_ids.append(request.prompt_token_ids[start] if start < num_prompt
-                                 else request.output_token_ids[start - num_prompt])
+            if count == 1:   # a decode step (this loop runs per request per step: no list per token)
+                token_ids.append(request.token_at(start))
                 positions.append(start)
             else:
                 token_ids.extend(request.token_ids_between(start, start + count))

@@ -69,6 +69,11 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_at(self, position: int) -> int:
+        """Token `position` of prompt + output (a decode step's one input token), without building a list."""
+        num_prompt = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < num_prompt else self.output_token_ids[position - num_prompt]
+
     def token_ids_between(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without copying the whole sequence (a decode step asks for
         one token of a sequence that may be thousands long)."""

@@ -404,3 +404,14 @@ def test_add_request_rejects_what_can_never_run():
     scheduler.add_request(make_request("ok", range(10), max_tokens=7))         # KV for 16 tokens: 4 blocks
     with pytest.raises(ValueError, match="already in use"):
         scheduler.add_request(make_request("ok", range(10)))
+
+
+def test_request_token_views_agree_with_the_whole_sequence():
+    """token_at and token_ids_between (the runner's per-step views) read prompt + output as one sequence."""
+    request = make_request("r", [11, 12, 13])
+    request.output_token_ids += [21, 22]
+    whole = request.all_token_ids
+    assert [request.token_at(i) for i in range(len(whole))] == whole
+    for start in range(len(whole) + 1):
+        for end in range(start, len(whole) + 1):
+            assert request.token_ids_between(start, end) == whole[start:end]
