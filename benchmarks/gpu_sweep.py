@@ -238,14 +238,15 @@ def _decode_case(model: str, batch: int, ctx: int, kv_dtype) -> SweepCase:
 
     tiles = [(n, w) for n in (32, 64, 128) for w in (2, 4, 8) if not (d > 128 and n == 128)]
     configs = ([DecodeTiles(32, 4, 2)] if SMOKE else [DecodeTiles(n, w, s) for n, w in tiles for s in (2, 3, 4)])
-    if fp8:  # FP8 V read per byte (the path before words) beside the default, words; 2 stages
-        configs += [DecodeTiles(n, w, 2, v_words=False) for n, w in tiles[:1 if SMOKE else None]]
+    default = default_decode_tiles(d, 16, fp8)
+    stages = default.num_stages  # the variants below change one thing each against the default's stages
+    if fp8:  # FP8 V read per byte (the path before words) beside the default, words
+        configs += [DecodeTiles(n, w, stages, v_words=False) for n, w in tiles[:1 if SMOKE else None]]
     if d & (d - 1):  # the head in one part padded to a power of two (before the split), beside the default split
-        configs += [DecodeTiles(n, w, 2, split_head=False) for n, w in tiles[:1 if SMOKE else None]]
+        configs += [DecodeTiles(n, w, stages, split_head=False) for n, w in tiles[:1 if SMOKE else None]]
     if not SMOKE and (batch * kv_heads < 132 or model == "340b-tp8"):
         # Few (sequence, KV head) pairs: the context split count sets the grid. The auto rule's 5 splits for the
         # 340B rank at batch 64 make 320 programs, 2.4 an SM: whole waves may do better (e.g. 8 -> 512).
-        default = default_decode_tiles(d, 16, fp8)
         configs += [replace(default, num_splits=s) for s in (2, 4, 8, 12, 16, 24, 32)]
     name = "fp8" if fp8 else "bf16"
     shape = f"{model} B={batch} ctx={ctx} kv={name}"

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import e4m3_words_to_f16, interpreting, mma, split_head_dim
+from kernels.triton_utils import e4m3_words_to_f16, interpreting, mma, split_head_dim, tile_blocks
 
 # SMs of an H100 SXM / H200; used when no CUDA device can be asked (the interpreter), so the split rule is the same.
 _DEFAULT_SM_COUNT = 132
@@ -195,13 +195,15 @@ def _paged_decode_attention_kernel(
     v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
     # FP8 V as int32 words of 4 values (the launcher checked 4-byte alignment and stride_vd == 1).
     v_words = v_head.to(tl.pointer_type(tl.int32), bitcast=True) if V_WORDS else v_head
+    # Block numbers are loaded a tile ahead (see tile_blocks: that is what lets the K/V loads pipeline). Masked lanes
+    # read block 0 and then nothing: every K/V load below carries tok_mask.
+    block = tile_blocks(table_row, stride_tn, start, end, offs_n, CACHE_BLOCK)      # [BLOCK_N] int32
     for tile_start in range(start, end, BLOCK_N):
+        block_next = tile_blocks(table_row, stride_tn, tile_start + BLOCK_N, end, offs_n, CACHE_BLOCK)
         tok = tile_start + offs_n                          # [BLOCK_N] positions in the sequence
         tok_mask = tok < end
-        # Masked lanes read block id 0 and then nothing: every K/V load below carries tok_mask.
-        block = tl.load(table_row + (tok // CACHE_BLOCK) * stride_tn, mask=tok_mask, other=0).to(tl.int64)
-        slot_k = block * stride_kb + (tok % CACHE_BLOCK) * stride_kt  # [BLOCK_N] int64
-        slot_v = block * stride_vb + (tok % CACHE_BLOCK) * stride_vt  # [BLOCK_N] int64
+        slot_k = block.to(tl.int64) * stride_kb + (tok % CACHE_BLOCK) * stride_kt  # [BLOCK_N] int64
+        slot_v = block.to(tl.int64) * stride_vb + (tok % CACHE_BLOCK) * stride_vt  # [BLOCK_N] int64
 
         # FP8 E4M3 converts exactly to bf16/fp16/fp32, so the dot sees the stored values; k_scale is in qk_scale.
         k_a = _kv_part(k_head, slot_k, offs_da, tok_mask, stride_kd, HEAD_DIM).to(q_a.dtype)  # [BLOCK_N, BLOCK_DA]
@@ -229,6 +231,7 @@ def _paged_decode_attention_kernel(
                 v_b = _kv_part(v_head, slot_v, offs_db, tok_mask, stride_vd, HEAD_DIM).to(q_b.dtype)
             acc_b = mma(p, v_b, acc_b * alpha[:, None], DOT_UPCAST, DOT_PRECISION)
         m_i = m_new
+        block = block_next
 
     if SINGLE_SPLIT:
         # The only split holds the whole sequence: normalize here and skip stage 2.
@@ -370,9 +373,18 @@ def default_decode_tiles(head_dim: int, block_size: int, fp8_cache: bool) -> Dec
     FP8 caches at head_dim <= 128 take 2 warps: 15B, batch 64, context 4096 ran 0.273 ms against 0.35 with 4 (H200
     sweep, 2026-11-28, do_bench); the 340B-TP8 rank (head_dim 192) and BF16 caches were best at 4. With fp16 dots
     FP8 KV took 0.222 ms there against 0.250 for BF16 KV (GPU time in CUDA graphs, suite run 5; V was still read per
-    byte then: the sweep times words and bytes side by side)."""
+    byte then: the sweep times words and bytes side by side).
+
+    Stages: with 2 the loop holds one tile's buffers and waits for each tile's loads after issuing them; 3 keeps
+    one tile's K/V in flight while a tile is computed (see tile_blocks; the sweep's 3- and 4-stage rows before
+    that change compiled to the same loop as 2). head_dim > 128 (the 340B-TP8 rank: one KV head, so the auto rule
+    gives ~2.4 programs an SM at batch 64) takes 3: with so few programs a program's own loads must overlap, and
+    the second buffer (55 KiB a program for BF16, Triton 3.6) costs no occupancy there. At head_dim 128 the 15B
+    batches of 64 and more run 4 or more programs an SM, which 70 KiB a program would cut to 3: those stay at 2
+    until the sweep has timed 3."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return DecodeTiles(max(block_size, _TILE_ELEMENTS // block_d), 2 if fp8_cache and head_dim <= 128 else 4, 2)
+    return DecodeTiles(max(block_size, _TILE_ELEMENTS // block_d), 2 if fp8_cache and head_dim <= 128 else 4,
+                       3 if head_dim > 128 else 2)
 
 
 def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, scale, k_scale, v_scale,

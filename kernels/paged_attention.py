@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, mma, split_head_dim
+from kernels.triton_utils import interpreting, mma, split_head_dim, tile_blocks
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -109,7 +109,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 # Grid size T // TILE_M + B: at most one idle program per sequence, instead of B * cdiv(max_query_len, TILE_M).
 #
 # Keys are visited in BLOCK_N tiles along the sequence, each key's slot looked up in the block table (so a tile
-# spans BLOCK_N / BS cache blocks and any block size works). Tiles entirely at or before the tile's first query
+# spans BLOCK_N / BS cache blocks and any block size works); a tile's block numbers are loaded one tile ahead, which
+# is what lets Triton keep K/V loads in flight while a tile is computed (`tile_blocks`). Tiles entirely at or before the tile's first query
 # position need no causal mask; the rest, up to the last query position, are masked; later ones are skipped.
 # KV_TMA (a launch option for the GPU sweep; no default uses it): where BLOCK_N divides the cache block size, an
 # unmasked tile is one run of rows of one cache block, so K and V arrive as TMA boxes of the cache viewed as
@@ -127,30 +128,29 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt_row, stride_btn,
+def _attend_kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, blk,
                     k_ptr, v_ptr, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, HAS_TAIL: tl.constexpr,
                     CAUSAL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     KV_TMA: tl.constexpr, k_desc_a, k_desc_b, v_desc_a, v_desc_b, head_col):
-    """One online-softmax step of BLOCK_R score rows against keys start_n .. start_n + BLOCK_N - 1.
+    """One online-softmax step of BLOCK_R score rows against keys start_n .. start_n + BLOCK_N - 1, whose cache
+    blocks are blk ([BLOCK_N], loaded a tile ahead by the caller: `tile_blocks`).
 
     KV_TMA (tiles wholly inside one cache block and wholly valid: the unmasked loop with BLOCK_SIZE % BLOCK_N == 0):
-    K and V come as TMA boxes of the [NB * BS, Hkv * D] view of the cache, rows block * BS + start_n % BS, columns
-    head_col (+ BLOCK_DA for the tail, from the *_desc_b descriptors)."""
+    blk is that one block (a scalar), and K and V come as TMA boxes of the [NB * BS, Hkv * D] view of the cache, rows
+    blk * BS + start_n % BS, columns head_col (+ BLOCK_DA for the tail, from the *_desc_b descriptors)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)                                  # [BLOCK_N] absolute key positions
     offs_da = tl.arange(0, BLOCK_DA)
     offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
     if KV_TMA:
-        row = (tl.load(bt_row + (start_n // BLOCK_SIZE) * stride_btn).to(tl.int32) * BLOCK_SIZE
-               + start_n % BLOCK_SIZE)                                        # first cache row of the tile
+        row = blk * BLOCK_SIZE + start_n % BLOCK_SIZE                        # first cache row of the tile
         k_a = k_desc_a.load([row, head_col]).to(q_a.dtype)                    # [BLOCK_N, BLOCK_DA]
     else:
         key_ok = offs_n < kv_end                                              # [BLOCK_N]
-        blk = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btn, mask=key_ok, other=0).to(tl.int64)
         in_blk = offs_n % BLOCK_SIZE                                          # [BLOCK_N]
-        k_row = k_ptr + blk * stride_kb + in_blk * stride_ks                  # [BLOCK_N] pointers to each key
-        v_row = v_ptr + blk * stride_vb + in_blk * stride_vs                  # [BLOCK_N]
+        k_row = k_ptr + blk.to(tl.int64) * stride_kb + in_blk * stride_ks     # [BLOCK_N] pointers to each key
+        v_row = v_ptr + blk.to(tl.int64) * stride_vb + in_blk * stride_vs     # [BLOCK_N]
         mask_a = key_ok[:, None] & (offs_da[None, :] < HEAD_DIM)              # [BLOCK_N, BLOCK_DA]
         mask_b = key_ok[:, None] & (offs_db[None, :] < HEAD_DIM)              # [BLOCK_N, BLOCK_DB]
         # Masked-off slots read 0, never the cache: they may hold NaN (or belong to another sequence).
@@ -259,20 +259,37 @@ def _paged_prefill_attention_kernel(
     # The unmasked tiles: every key valid and visible to every row, so with KV_TMA each is a whole box of one cache
     # block. (Triton 3.6's Hopper warp specialization of this loop did not split off a producer at 8 warps and failed
     # to compile at 4, 2026-11-28: not offered.)
+    # Each tile's cache blocks are loaded one tile ahead and carried. KV_TMA tiles lie in one cache block: a scalar.
+    offs_key = tl.arange(0, BLOCK_N)
+    if KV_TMA:
+        blk = tl.load(bt_row, mask=full_end > 0, other=0)
+    else:
+        blk = tile_blocks(bt_row, stride_btn, 0, kv_end, offs_key, BLOCK_SIZE)
     for start_n in range(0, full_end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
+        if KV_TMA:
+            next_n = start_n + BLOCK_N
+            blk_next = tl.load(bt_row + (next_n // BLOCK_SIZE) * stride_btn, mask=next_n < full_end, other=0)
+        else:
+            blk_next = tile_blocks(bt_row, stride_btn, start_n + BLOCK_N, kv_end, offs_key, BLOCK_SIZE)
         acc_a, acc_b, m_i, l_i = _attend_kv_tile(
-            acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt_row, stride_btn,
+            acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, blk,
             k_head, v_head, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
             HEAD_DIM, BLOCK_SIZE, BLOCK_R, BLOCK_N, BLOCK_DA, BLOCK_DB, HAS_TAIL, False, DOT_PRECISION, UPCAST,
             KV_TMA, k_desc_a, k_desc_b, v_desc_a, v_desc_b, head_col)
+        blk = blk_next
+    # Loaded afresh rather than carried out of the first loop: carried, it cost the 15B tile 10 registers (204 vs 194)
+    # and the 340B-TP8 one 8 (254 vs 246; sm_90, Triton 3.6).
+    blk_masked = tile_blocks(bt_row, stride_btn, full_end, kv_end, offs_key, BLOCK_SIZE)
     for start_n in range(full_end, kv_end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
+        blk_next = tile_blocks(bt_row, stride_btn, start_n + BLOCK_N, kv_end, offs_key, BLOCK_SIZE)
         acc_a, acc_b, m_i, l_i = _attend_kv_tile(
-            acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, bt_row, stride_btn,
+            acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, blk_masked,
             k_head, v_head, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
             HEAD_DIM, BLOCK_SIZE, BLOCK_R, BLOCK_N, BLOCK_DA, BLOCK_DB, HAS_TAIL, True, DOT_PRECISION, UPCAST,
             False, k_desc_a, k_desc_b, v_desc_a, v_desc_b, head_col)
+        blk_masked = blk_next
 
     inv_l = v_scale / tl.where(l_i > 0.0, l_i, 1.0)        # [BLOCK_R]; padding rows have l = 0 and are not stored
     out_a = acc_a * inv_l[:, None]
@@ -290,19 +307,23 @@ def _launch_config(head_dim: int, group: int, elem_bytes: int, fp8_cache: bool =
     """BLOCK_R score rows (TILE_M tokens x G heads), BLOCK_N keys per tile, warps and pipeline stages for sm_90.
 
     Checked by compiling for sm_90 with the Triton wheel's ptxas, and timed on an H200 (2026-11-28: the sweep in
-    benchmarks/gpu_sweep.py; these tiles reach about half of SDPA's flash speed, benchmarks/README.md):
-    bf16 q, 128 x 64 tiles, 8 warps, 3 stages use 126-153 (D=64) / 178-227 (D=128, bf16 or FP8 cache) registers a
-    thread without spills and 33-99 KiB of shared memory. D=192 takes 32-key tiles: 64 keys hit 255 registers and
-    spilled with an FP8 cache; 32 keys use 232-239 and 70-99 KiB. The K/V loads are gathers through the block table
-    (no TMA), so 3 cp.async stages hide their latency. fp32 q (tests, not serving) takes the FMA-based ieee dot, no
-    tensor cores: 32 x 16 tiles (16 x 16 above D=64) over 8 warps stay spill-free, FP8 cache included.
+    benchmarks/gpu_sweep.py; these tiles reached about half of SDPA's speed, benchmarks/README.md, while every tile
+    still waited for its own K/V loads: see tile_blocks). The K/V loads are gathers through the block table (no
+    TMA), kept in flight by a ring of cp.async buffers: 3 stages give 3 buffers (BF16 cache) or 2 (FP8, converted
+    in registers), waiting with one tile's copies outstanding. Compiled by Triton 3.6 for the model shapes (bf16 q,
+    8 warps, 3 stages; tests/kernels/test_sm90_launches.py): D=128, 128 x 64 tiles, 194 registers and 128 KiB
+    (BF16 cache) / 186-190 and 80 KiB (FP8); D=192, 128 x 64, 246-251 and 192 KiB (BF16); with an FP8 cache
+    64 keys spilled, and 32 keys take 238 and 80 KiB. None spills. fp32 q (tests, not serving) takes the FMA-based
+    ieee dot, no tensor cores: 32 x 16 tiles (16 x 16 above D=64) over 8 warps stay spill-free, FP8 cache included.
     """
     if elem_bytes >= 4:
         block_r, block_n, num_warps, num_stages = (32 if head_dim <= 64 else 16), 16, 8, 2
     elif head_dim > 128 and not fp8_cache:
-        # H200 sweep (2026-11-28), 340B-TP8 rank, 4096 tokens, BF16 cache: 64 keys / 2 stages 0.293 ms against
-        # 0.372 with 32 keys / 3 stages. With an FP8 cache 64 keys spill (above), so that stays at 32.
-        block_r, block_n, num_warps, num_stages = 128, 64, 8, 2
+        # H200 sweep (2026-11-28), 340B-TP8 rank, 4096 tokens, BF16 cache: 64 keys 0.293 ms against 0.372 with
+        # 32 keys. With an FP8 cache 64 keys spill (above), so that stays at 32. 2, 3 and 4 stages timed the same
+        # then because every tile waited for its own loads (see tile_blocks); with the block numbers loaded a tile
+        # ahead, 3 stages keep one tile's K/V in flight (246 registers, 192 KiB of shared memory, no spills).
+        block_r, block_n, num_warps, num_stages = 128, 64, 8, 3
     else:
         block_r, block_n, num_warps, num_stages = 128, (64 if head_dim <= 128 else 32), 8, 3
     block_r = max(block_r, triton.next_power_of_2(group))   # at least one token of all G heads per tile

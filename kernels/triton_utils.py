@@ -83,3 +83,20 @@ def e4m3_words_to_f16(words, ASM: tl.constexpr):
         e3 = (((words >> 17) & 0x3F80) | ((words >> 16) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
     # join(join(e0, e2), join(e1, e3)) is [..., 2, 2] with [..., i, j] = e(2i + j): row-major, e0 e1 e2 e3
     return tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), words.shape + [4])
+
+
+@triton.jit
+def tile_blocks(table_row, stride_tn, first, end, offs_n, CACHE_BLOCK: tl.constexpr):
+    """Cache block numbers [BLOCK_N] int32 of tokens first + offs_n of one sequence (0 where first + offs_n >= end).
+
+    Why the attention loops load these one tile ahead and carry them (`block = block_next`) rather than load them
+    next to the K/V gather they address: Triton's software pipeliner then sees K/V loads whose addresses come from a
+    loop-carried value, and gives them their own ring of shared-memory buffers with loads in flight while a tile is
+    computed. Loaded in the same iteration, the block numbers are an indirect load: the pipeliner made them an
+    async copy committed after the K/V copies, and waiting for them (cp.async.wait_group 0) also waits for the K/V
+    copies just issued, so every tile waited for its own loads. Compiled for sm_90 by Triton 3.6: the 15B prefill
+    tile (num_stages 3) went from 2 K/V buffers and wait_group 0 to 3 buffers and wait_group 2, at 194 registers
+    instead of 196; decode at num_stages 3 from 1 buffer and wait_group 0 to 2 buffers and wait_group > 0.
+    """
+    tok = first + offs_n
+    return tl.load(table_row + (tok // CACHE_BLOCK) * stride_tn, mask=tok < end, other=0)

@@ -72,6 +72,8 @@ for job in json.loads(open(sys.argv[1]).read()):
         res.update({"shared": k.metadata.shared, "local": int(local.group(1)), "regs": int(regs.group(1)),
                     "wgmma": "wgmma.mma_async" in k.asm["ptx"],
                     "setmaxnreg": "setmaxnreg" in k.asm["ptx"], "tma": "cp.async.bulk.tensor" in k.asm["ptx"],
+                    "cp_async_waits": sorted({int(n) for n in
+                                              re.findall(r"cp\.async\.wait_group\s+(\d+)", k.asm["ptx"])}),
                     "sass_ops": ops})
     except Exception as e:
         res["error"] = (type(e).__name__ + ": " + str(e))[-3000:]
@@ -92,7 +94,9 @@ def aot_compile_sm90(jobs: list[dict], raise_on_error: bool = True, triton_path:
     'i32', 'fp32'...; missing ones default to i32), constexprs, divisible (args the launcher sees as multiples of
     16; pointers are added unless exact_attrs), num_warps, num_stages, optional options (e.g. enable_fp_fusion),
     label. Returns per job, in order: shared bytes, local (spill/stack) bytes, registers, whether wgmma is used,
-    sass_ops (SASS opcode -> count in the cubin, predicates dropped), the Triton version, or error (the exception
+    sass_ops (SASS opcode -> count in the cubin, predicates dropped), cp_async_waits (the distinct N of the PTX's
+    cp.async.wait_group N: N > 0 where a ring of shared-memory buffers keeps copy groups in flight while a tile is
+    computed; only 0 where every wait drains all copies), the Triton version, or error (the exception
     text; raised as a test failure when raise_on_error)."""
     triton_path = triton_path if triton_path is not None else os.environ.get("N4_AOT_TRITON_PATH") or None
     bin_dir = _triton_dir(triton_path) / "backends" / "nvidia" / "bin"

@@ -278,6 +278,15 @@ def test_launches_compile_for_sm90():
     bytewise = [_summary(j, r) for j, r in fp8_decode
                 if r["sass_ops"].get("LDS.U8") or not any(op.startswith("LDSM.16.MT88") for op in r["sass_ops"])]
     assert not bytewise, "FP8 decode reads V bytewise from shared memory:\n" + "\n".join(bytewise)
+    # Attention loops of 3+ stages keep a tile's K/V copies in flight while a tile is computed (cp.async.wait_group
+    # N > 0). When the block numbers were loaded beside the K/V gathers they address, every wait drained all copies
+    # (wait_group 0 only) whatever num_stages said (kernels/triton_utils.py: tile_blocks).
+    attention = [(j, r) for j, r in zip(chosen, results)
+                 if j["kernel"] in ("_paged_prefill_attention_kernel", "_paged_decode_attention_kernel")
+                 and j["num_stages"] >= 3]
+    assert {j["kernel"] for j, _ in attention} == {"_paged_prefill_attention_kernel", "_paged_decode_attention_kernel"}
+    drained = [_summary(j, r) for j, r in attention if max(r["cp_async_waits"], default=0) == 0]
+    assert not drained, "attention loops that wait for every tile's own loads:\n" + "\n".join(drained)
 
 
 def test_capture_restores_the_interpreter():
