@@ -48,7 +48,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import e4m3_words_to_f16, interpreting, mma, split_head_dim, tile_blocks
+from kernels.triton_utils import (e4m3_words_to_f16, interpreting, mma, split_head_dim, tile_blocks,
+                                  to_f16_saturated)
 
 # SMs of an H100 SXM / H200; used when no CUDA device can be asked (the interpreter), so the split rule is the same.
 _DEFAULT_SM_COUNT = 132
@@ -113,10 +114,7 @@ def _q_part(q_row, offs_d, g_mask, stride_qd, HEAD_DIM: tl.constexpr, FP16_DOTS:
     q = tl.load(q_row[:, None] + offs_d[None, :] * stride_qd, mask=g_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
                 other=0.0)
     if FP16_DOTS:
-        # FP8 cache, bf16 q: the dots run in fp16. E4M3 -> fp16 is one conversion per two values on sm_90, where
-        # E4M3 -> bf16 goes through fp32; every E4M3 value and every bf16 q in [6e-5, 65504] is exact in fp16 (more
-        # mantissa than bf16), and q beyond that range saturates instead of becoming inf.
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        q = to_f16_saturated(q)   # FP8 cache, bf16 q: the dots run in fp16 (see to_f16_saturated)
     return q
 
 

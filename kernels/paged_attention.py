@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, mma, split_head_dim, tile_blocks
+from kernels.triton_utils import interpreting, mma, split_head_dim, tile_blocks, to_f16_saturated
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -119,9 +119,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 # Online softmax in fp32 with exp2 (scale * k_scale * log2(e) folded into one multiplier, v_scale applied once at
 # the end). head_dim D is split into a power-of-two head part BLOCK_DA and a tail BLOCK_DB (192 = 128 + 64), two dots
 # per product instead of padding D to 256 (which would waste 25% of the MMA work and registers); D-axis masks cover
-# dims that are not a sum of two powers of two. FP8 cache: K/V tiles load as e4m3 and convert to q's dtype, which
-# is exact (every e4m3 value is a bf16/fp16/fp32 value), so the only difference from the ref is the fp32 rounding
-# of where the scales are multiplied in.
+# dims that are not a sum of two powers of two. FP8 cache: K/V tiles load as e4m3 and convert to the dots' dtype,
+# which is exact (every e4m3 value is an fp16/bf16/fp32 value), so the only difference from the ref is the fp32
+# rounding of where the scales are multiplied in. With bf16 q the dots run in fp16 (FP16_DOTS: q converted once,
+# saturating; P in fp16 keeps 3 more bits than in bf16), which saves the second conversion step per value.
 # ----------------------------------------------------------------------------------------------------------------
 
 _LOG2E = 1.4426950408889634
@@ -200,7 +201,7 @@ def _paged_prefill_attention_kernel(
         GROUP: tl.constexpr, TILE_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
         HAS_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, REVERSE: tl.constexpr,
-        KV_TMA: tl.constexpr):
+        KV_TMA: tl.constexpr, FP16_DOTS: tl.constexpr):
     # REVERSE: the last query tiles of a sequence (the most keys, under the causal mask) start first, so the short
     # ones fill the end of the launch instead of the long ones trailing it. Timed by the GPU sweep; off by default.
     tile_id = tl.num_programs(0) - 1 - tl.program_id(0) if REVERSE else tl.program_id(0)
@@ -236,11 +237,15 @@ def _paged_prefill_attention_kernel(
     offs_da = tl.arange(0, BLOCK_DA)
     q_mask_a = row_ok[:, None] & (offs_da[None, :] < HEAD_DIM)
     q_a = tl.load(q_row[:, None] + offs_da[None, :] * stride_qd, mask=q_mask_a, other=0.0)  # [BLOCK_R, BLOCK_DA]
+    if FP16_DOTS:
+        q_a = to_f16_saturated(q_a)     # FP8 cache, bf16 q: K, V and P follow q's dtype into fp16 dots
     acc_a = tl.zeros([BLOCK_R, BLOCK_DA], dtype=tl.float32)
     offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
     q_mask_b = row_ok[:, None] & (offs_db[None, :] < HEAD_DIM)
     if HAS_TAIL:
         q_b = tl.load(q_row[:, None] + offs_db[None, :] * stride_qd, mask=q_mask_b, other=0.0)  # [BLOCK_R, BLOCK_DB]
+        if FP16_DOTS:
+            q_b = to_f16_saturated(q_b)
     else:
         q_b = q_a                                           # placeholder, never read
     acc_b = tl.zeros([BLOCK_R, BLOCK_DB], dtype=tl.float32)
@@ -398,6 +403,7 @@ def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
     cfg = cfg or _launch_config(head_dim, group, q.element_size(), k_cache.dtype == torch.float8_e4m3fn)
     tile_m = cfg["BLOCK_R"] // group                                         # tokens per program
     grid = (num_tokens // tile_m + num_seqs, num_kv_heads)                   # >= sum_b cdiv(q_len_b, TILE_M)
+    fp16_dots = k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16
     kv_tma = bool(cfg.get("KV_TMA", False)) and _kv_tma_ready(k_cache, v_cache, cfg["BLOCK_N"], block_da, block_db)
     descs = _kv_descriptors(k_cache, v_cache, cfg["BLOCK_N"], block_da, block_db) if kv_tma else (None,) * 4
     _paged_prefill_attention_kernel[grid](
@@ -407,8 +413,8 @@ def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
         GROUP=group, TILE_M=tile_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DA=block_da, BLOCK_DB=max(block_db, 16),
         HAS_TAIL=block_db > 0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.dtype == torch.bfloat16 and interpreting(), REVERSE=bool(cfg.get("REVERSE", False)),
-        KV_TMA=kv_tma,
+        UPCAST=q.dtype == torch.bfloat16 and interpreting() and not fp16_dots,
+        REVERSE=bool(cfg.get("REVERSE", False)), KV_TMA=kv_tma, FP16_DOTS=fp16_dots,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 

@@ -55,6 +55,16 @@ def round_to_e4m3(x):
 
 
 @triton.jit
+def to_f16_saturated(x):
+    """x (bf16/fp32) -> fp16 with |x| > 65504 held at +-65504 instead of becoming inf.
+
+    For dots that run in fp16 over an FP8 E4M3 cache: E4M3 -> fp16 is one conversion per two values on sm_90 (one
+    `F2FP.F16.E4M3.UNPACK_B`), where E4M3 -> bf16 adds an `F2F.BF16.F16` per value. Every E4M3 value is exact in
+    fp16, and a bf16 operand in [6e-5, 65504] keeps all its bits (fp16 has more mantissa)."""
+    return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
 def e4m3_words_to_f16(words, ASM: tl.constexpr):
     """int32 words, each holding 4 E4M3 values (little-endian: byte i is element i) -> fp16 [..., 4], exact.
 

@@ -109,6 +109,15 @@ def test_kernel_matches_ref(case, num_splits):
     _assert_matches_ref(batch, num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_cache_query_beyond_fp16_range_saturates(num_splits):
+    """FP8 cache, bf16 q: the dots run in fp16, and a q entry past fp16's 65504 is held there instead of becoming
+    inf (NaN scores). It dominates its scores in the reference and the kernel alike, so the outputs agree."""
+    batch = _make_batch(SEQ_LENS, 8, 2, 128, 16, torch.bfloat16, FP8, k_scale=0.5, v_scale=0.25, seed=5)
+    batch["q"][:, :, 0] = 1.0e5          # bf16 holds it; fp16 does not
+    _assert_matches_ref(batch, num_splits)
+
+
 @pytest.mark.parametrize("num_splits", [1, 5, None])
 @pytest.mark.parametrize("seq_lens", [[1], [1, 1, 1], [2, 1, 17]])
 def test_one_token_contexts_and_empty_splits(seq_lens, num_splits):

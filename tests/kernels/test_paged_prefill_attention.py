@@ -116,6 +116,16 @@ def test_fp8_cache_matches_ref_on_the_same_cache(num_heads, num_kv_heads, head_d
     _check(q, k_cache, v_cache, meta, k_scale=0.25, v_scale=0.125)
 
 
+def test_fp8_cache_query_beyond_fp16_range_saturates():
+    """With an FP8 cache and bf16 q the dots run in fp16: a q entry past fp16's 65504 is held there, not turned
+    into inf (which would make NaN scores). Such an entry dominates its scores in the reference and in the kernel
+    alike (the softmax is one-hot on the same key), so the outputs still agree."""
+    seqs = [(0, 1), (40, 1), (0, 20), (70, 25)]
+    q, k_cache, v_cache, meta = _make_inputs(seqs, 6, 1, 128, 16, torch.bfloat16, cache_dtype=FP8, seed=4)
+    q[:, :, 0] = 1.0e5                  # bf16 holds it; fp16 does not
+    _check(q, k_cache, v_cache, meta, k_scale=0.25, v_scale=0.125)
+
+
 @pytest.mark.parametrize("seqs", [[(0, 1)], [(37, 1)], [(3, 1), (0, 1), (50, 1), (16, 1)], [(100, 2), (0, 1)],
                                   [(4, 0), (0, 3), (7, 0), (2, 1)]])  # sequences with no new token in this step
 def test_one_token_and_decode_batches(seqs):
@@ -291,7 +301,7 @@ def test_kv_tma_variants_compile_for_sm90_without_spills():
                       "TILE_M": 128 // group, "HEAD_DIM": head_dim, "BLOCK_SIZE": 128, "BLOCK_R": 128,
                       "BLOCK_N": block_n, "BLOCK_DA": block_da, "BLOCK_DB": max(block_db, 16),
                       "HAS_TAIL": block_db > 0, "DOT_PRECISION": "tf32", "UPCAST": False, "REVERSE": False,
-                      "KV_TMA": True}
+                      "KV_TMA": True, "FP16_DOTS": cache == "fp8e4nv"}
         if block_db:
             types["k_desc_b"] = types["v_desc_b"] = f"tensordesc<{cache}[{block_n}, {block_db}]>"
         else:
