@@ -286,8 +286,20 @@ def prefill_cases(model: str, seqs: int, seq_len: int, device) -> list[Case]:
     unavailable = _drop_unrunnable(candidates, list(SDPA_BACKENDS))
     flops = 4.0 * seqs * h * d * seq_len * (seq_len + 1) / 2   # causal: half the score matrix
     bytes_moved = 2 * (2 * t * h * d + 2 * t * hk * d)
-    return [Case("prefill_attention", f"{model} {seqs}x{seq_len} bf16", flops, bytes_moved, False, candidates,
-                 ("sdpa_flash", "sdpa"), unavailable)]
+    cases = [Case("prefill_attention", f"{model} {seqs}x{seq_len} bf16", flops, bytes_moved, False, candidates,
+                  ("sdpa_flash", "sdpa"), unavailable)]
+    # Over an FP8 cache (what `--kv-cache-dtype fp8` prefills through), against the same kernel over the BF16 cache
+    # of the same values: whether converting E4M3 costs the prefill more than the halved K/V bytes save.
+    fp8_k, fp8_v = k_cache.to(FP8), v_cache.to(FP8)
+    fp8_args = (q, fp8_k, fp8_v) + args[3:]
+    fp8_candidates = {
+        "triton": lambda: paged_prefill_attention(*fp8_args, k_scale=1.0, v_scale=1.0),
+        "ref": lambda: paged_attention_ref(*fp8_args, k_scale=1.0, v_scale=1.0),
+        "triton kv=bf16": lambda: paged_prefill_attention(*args),
+    }
+    cases.append(Case("prefill_attention", f"{model} {seqs}x{seq_len} kv=fp8", flops,
+                      2 * (2 * t * h * d) + 2 * t * hk * d, False, fp8_candidates, ("triton kv=bf16",)))
+    return cases
 
 
 def mlp_cases(model: str, m_values, device) -> list[Case]:

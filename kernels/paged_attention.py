@@ -110,8 +110,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 #
 # Keys are visited in BLOCK_N tiles along the sequence, each key's slot looked up in the block table (so a tile
 # spans BLOCK_N / BS cache blocks and any block size works); a tile's block numbers are loaded one tile ahead, which
-# is what lets Triton keep K/V loads in flight while a tile is computed (`tile_blocks`). Tiles entirely at or before the tile's first query
-# position need no causal mask; the rest, up to the last query position, are masked; later ones are skipped.
+# is what lets Triton keep K/V loads in flight while a tile is computed (`tile_blocks`). Tiles entirely at or before
+# the tile's first query position need no causal mask; the rest, up to the last query position, are masked; later
+# ones are skipped.
 # KV_TMA (a launch option for the GPU sweep; no default uses it): where BLOCK_N divides the cache block size, an
 # unmasked tile is one run of rows of one cache block, so K and V arrive as TMA boxes of the cache viewed as
 # [NB * BS, Hkv * D] rows (one block-table read a tile instead of a gather of BLOCK_N pointers); the masked tiles

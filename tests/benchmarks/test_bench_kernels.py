@@ -77,7 +77,7 @@ def _refuse_flash(monkeypatch):
 def test_refused_flash_is_dropped_with_a_note_and_the_baseline_falls_back(monkeypatch):
     _refuse_flash(monkeypatch)
     rows = main(reduced=True, only="prefill_attention,decode_attention", iters=1)
-    prefill = [r for r in rows if r.kernel == "prefill_attention"]
+    prefill = [r for r in rows if r.kernel == "prefill_attention" and r.shape.endswith(" bf16")]
     timed = [math.isfinite(r.ms) for r in prefill]
     assert timed == sorted(timed, reverse=True)   # the rows without timings come after the timed ones
     by_impl = {r.impl: r for r in prefill}
@@ -93,6 +93,14 @@ def test_refused_flash_is_dropped_with_a_note_and_the_baseline_falls_back(monkey
     decode = _by_impl(rows, "decode_attention")
     assert decode["sdpa"].is_baseline and not decode["sdpa"].notes
     assert math.isnan(decode["sdpa_flash"].ms) and decode["sdpa_flash"].notes[0].startswith("unavailable")
+
+
+def test_fp8_cache_prefill_is_timed_against_the_same_kernel_over_bf16():
+    rows = main(reduced=True, only="prefill_attention", iters=1)
+    fp8 = {r.impl: r for r in rows if r.kernel == "prefill_attention" and r.shape.endswith(" kv=fp8")}
+    assert set(fp8) == {"triton", "ref", "triton kv=bf16"}
+    assert fp8["triton kv=bf16"].is_baseline and all(math.isfinite(r.ms) for r in fp8.values())
+    assert fp8["triton"].vs_baseline == pytest.approx(fp8["triton kv=bf16"].ms / fp8["triton"].ms)
 
 
 def test_pinned_backend_does_not_leak_into_the_next_call(monkeypatch):
