@@ -55,6 +55,10 @@ from kernels.triton_utils import (e4m3_words_to_f16, interpreting, mma, split_he
 _DEFAULT_SM_COUNT = 132
 # Splits target two resident programs per SM: one program streaming K/V per SM leaves HBM bandwidth unused.
 _PROGRAMS_PER_SM = 2
+# At most this many programs an SM (what the split rule gives at small batch) take 3 stages whatever the default:
+# each program's own next tile must be in flight, since no other program covers its waits, and 3 programs of the
+# 15B BF16 tile at 3 stages (70 KiB of shared memory each, Triton 3.6) still fit an SM's 227 KiB.
+_STAGED_PROGRAMS_PER_SM = 3
 # A split below ~256 tokens spends too much of its time on the fixed cost per program (loading q, writing a partial
 # of G * D fp32 that stage 2 reads back, filling the load pipeline) next to its K/V bytes (D=128 BF16: 128 KiB).
 _MIN_SPLIT_TOKENS = 256
@@ -379,7 +383,8 @@ def default_decode_tiles(head_dim: int, block_size: int, fp8_cache: bool) -> Dec
     gives ~2.4 programs an SM at batch 64) takes 3: with so few programs a program's own loads must overlap, and
     the second buffer (55 KiB a program for BF16, Triton 3.6) costs no occupancy there. At head_dim 128 the 15B
     batches of 64 and more run 4 or more programs an SM, which 70 KiB a program would cut to 3: those stay at 2
-    until the sweep has timed 3."""
+    until the sweep has timed 3. Launches of at most _STAGED_PROGRAMS_PER_SM programs an SM (small batches: the
+    split rule aims at 2) take 3 stages at any head_dim (`_decode_launch`)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     return DecodeTiles(max(block_size, _TILE_ELEMENTS // block_d), 2 if fp8_cache and head_dim <= 128 else 4,
                        3 if head_dim > 128 else 2)
@@ -396,6 +401,7 @@ def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, sca
         return out
 
     fp8_cache = k_cache.dtype == torch.float8_e4m3fn
+    default_tiles = tiles is None
     tiles = tiles or default_decode_tiles(head_dim, block_size, fp8_cache)
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_da, block_db = split_head_dim(head_dim) if tiles.split_head is not False else (block_d, 0)
@@ -411,6 +417,8 @@ def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, sca
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
     if auto:
         num_splits = max(1, triton.cdiv(max_seq_len, tokens_per_split))
+    if default_tiles and num_seqs * num_kv_heads * num_splits <= _STAGED_PROGRAMS_PER_SM * _sm_count(q.device):
+        num_stages = max(num_stages, 3)
 
     single = num_splits == 1
     part_shape = (num_seqs, num_heads, num_splits)

@@ -212,6 +212,21 @@ def test_auto_num_splits_rule():
     assert _auto_num_splits(2, 1, 200, cpu) == 1      # short contexts never split below 256 tokens
 
 
+@pytest.mark.parametrize("batch_size, kv_heads, head_dim, stages", [
+    (1, 8, 128, 3),     # 8 programs: each needs its own next tile in flight
+    (48, 8, 128, 3),    # 384 programs, 2.9 an SM: the most that 3 stages keep resident
+    (64, 8, 128, 2),    # 512 programs, 3.9 an SM: they cover each other's waits; 3 stages would cut occupancy
+    (64, 1, 192, 3),    # the 340B-TP8 rank's default
+])
+def test_few_programs_take_three_stages(batch_size, kv_heads, head_dim, stages):
+    from tests.kernels.launch_capture import capture_launches
+    batch = _make_batch([16] * batch_size, kv_heads * 6, kv_heads, head_dim, 16, torch.bfloat16)
+    with capture_launches() as cap:
+        paged_decode_attention(**batch)
+    (launch,) = [x for x in cap.launches if x.fn.__name__ == "_paged_decode_attention_kernel"]
+    assert launch.options["num_stages"] == stages
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda b: b.update(q=b["q"][0]), "q must be"),
     (lambda b: b.update(v_cache=b["v_cache"][:, :, :1]), "k_cache"),
