@@ -260,3 +260,17 @@ def test_compiled_kernel_realistic_shapes(heads, kv_heads, head_dim, cache_dtype
     for num_splits in (None, 1, 7):
         _assert_matches_ref(batch, num_splits)
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(48, 8, 128), (12, 1, 192)], ids=["15b", "340b-tp8-rank"])
+def test_compiled_small_batch_takes_the_three_stage_ring(heads, kv_heads, head_dim, cache_dtype):
+    """Two long sequences: few programs, so the launch takes 3 stages (a K/V tile in flight per program), which the
+    batch-64 test above does not reach at 15B. Compiled on the GPU, against the reference."""
+    scales = dict(k_scale=0.05, v_scale=0.03) if cache_dtype == FP8 else {}
+    batch = _make_batch([4096, 1000], heads, kv_heads, head_dim, 16, torch.bfloat16, cache_dtype, device="cuda",
+                        seed=9, **scales)
+    for num_splits in (None, 1):
+        _assert_matches_ref(batch, num_splits)
+    torch.cuda.synchronize()
