@@ -265,19 +265,14 @@ def _paged_prefill_attention_kernel(
     # The unmasked tiles: every key valid and visible to every row, so with KV_TMA each is a whole box of one cache
     # block. (Triton 3.6's Hopper warp specialization of this loop did not split off a producer at 8 warps and failed
     # to compile at 4, 2026-11-28: not offered.)
-    # Each tile's cache blocks are loaded one tile ahead and carried. KV_TMA tiles lie in one cache block: a scalar.
+    # Each tile's cache blocks are loaded one tile ahead and carried. KV_TMA tiles lie in one cache block: one block
+    # number a tile (a scalar).
     offs_key = tl.arange(0, BLOCK_N)
-    if KV_TMA:
-        blk = tl.load(bt_row, mask=full_end > 0, other=0)
-    else:
-        blk = tile_blocks(bt_row, stride_btn, 0, kv_end, offs_key, BLOCK_SIZE)
+    first_loop_offs = 0 if KV_TMA else offs_key
+    blk = tile_blocks(bt_row, stride_btn, 0, kv_end, first_loop_offs, BLOCK_SIZE)
     for start_n in range(0, full_end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        if KV_TMA:
-            next_n = start_n + BLOCK_N
-            blk_next = tl.load(bt_row + (next_n // BLOCK_SIZE) * stride_btn, mask=next_n < full_end, other=0)
-        else:
-            blk_next = tile_blocks(bt_row, stride_btn, start_n + BLOCK_N, kv_end, offs_key, BLOCK_SIZE)
+        blk_next = tile_blocks(bt_row, stride_btn, start_n + BLOCK_N, kv_end, first_loop_offs, BLOCK_SIZE)
         acc_a, acc_b, m_i, l_i = _attend_kv_tile(
             acc_a, acc_b, m_i, l_i, q_a, q_b, q_pos, start_n, kv_end, blk,
             k_head, v_head, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,

@@ -97,7 +97,8 @@ def e4m3_words_to_f16(words, ASM: tl.constexpr):
 
 @triton.jit
 def tile_blocks(table_row, stride_tn, first, end, offs_n, CACHE_BLOCK: tl.constexpr):
-    """Cache block numbers [BLOCK_N] int32 of tokens first + offs_n of one sequence (0 where first + offs_n >= end).
+    """Cache block numbers [BLOCK_N] int32 of tokens first + offs_n of one sequence (0 where first + offs_n >= end);
+    with offs_n a scalar 0, the one block of token `first`.
 
     Why the attention loops load these one tile ahead and carry them (`block = block_next`) rather than load them
     next to the K/V gather they address: Triton's software pipeliner then sees K/V loads whose addresses come from a
