@@ -48,8 +48,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import (e4m3_words_to_f16, interpreting, mma, split_head_dim, tile_blocks,
-                                  to_f16_saturated)
+from kernels.triton_utils import (check_paged_attention_args, e4m3_words_to_f16, interpreting, mma, split_head_dim,
+                                  tile_blocks, to_f16_saturated)
 
 # SMs of an H100 SXM / H200; used when no CUDA device can be asked (the interpreter), so the split rule is the same.
 _DEFAULT_SM_COUNT = 132
@@ -67,7 +67,6 @@ _MIN_SPLIT_TOKENS = 256
 # to 256.
 _TILE_ELEMENTS = 8192
 _MAX_HEAD_DIM = 256
-_QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -299,26 +298,12 @@ def _auto_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device:
 
 def _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, num_splits) -> None:
     name = "paged_decode_attention"
-    if q.dim() != 3:
-        raise ValueError(f"{name}: q must be [B, Hq, D], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"{name}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
-                         f"[num_blocks, block_size, Hkv, D]")
-    num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if cache_dim != head_dim:
-        raise ValueError(f"{name}: q head_dim {head_dim} != cache head_dim {cache_dim}")
+    check_paged_attention_args(name, q, k_cache, v_cache, seq_lens=seq_lens, block_tables=block_tables)
+    num_seqs, head_dim, block_size = q.shape[0], q.shape[2], k_cache.shape[1]
     if not 1 <= head_dim <= _MAX_HEAD_DIM:
         raise ValueError(f"{name}: head_dim {head_dim} not supported (1..{_MAX_HEAD_DIM})")
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"{name}: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if block_size < 1 or block_size & (block_size - 1) or block_size > _TILE_ELEMENTS // 64:
         raise ValueError(f"{name}: block_size {block_size} must be a power of two <= {_TILE_ELEMENTS // 64}")
-    if q.dtype not in _QUERY_DTYPES:
-        raise ValueError(f"{name}: q dtype {q.dtype} not supported ({', '.join(map(str, _QUERY_DTYPES))})")
-    if v_cache.dtype != k_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
-        raise ValueError(f"{name}: k_cache/v_cache dtypes {k_cache.dtype}/{v_cache.dtype} must both be q's dtype "
-                         f"({q.dtype}) or torch.float8_e4m3fn")
     if seq_lens.shape != (num_seqs,) or seq_lens.dtype != torch.int32:
         raise ValueError(f"{name}: seq_lens must be int32 [{num_seqs}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or block_tables.dtype != torch.int32:
@@ -329,9 +314,6 @@ def _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, num_
                          f"({block_tables.shape[1]} blocks of {block_size})")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"{name}: num_splits must be >= 1 or None, got {num_splits}")
-    devices = {t.device for t in (q, k_cache, v_cache, seq_lens, block_tables)}
-    if len(devices) != 1:
-        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, mma, split_head_dim, tile_blocks, to_f16_saturated
+from kernels.triton_utils import (check_paged_attention_args, interpreting, mma, split_head_dim, tile_blocks,
+                                  to_f16_saturated)
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -300,7 +301,6 @@ def _paged_prefill_attention_kernel(
         tl.store(o_row[:, None] + offs_db[None, :] * stride_od, out_b.to(out_ptr.dtype.element_ty), mask=q_mask_b)
 
 
-_Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -332,38 +332,17 @@ def _launch_config(head_dim: int, group: int, elem_bytes: int, fp8_cache: bool =
 
 
 def _check_prefill_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables) -> None:
-    if q.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError(f"paged_prefill_attention: q must be [T, Hq, D] and k_cache [NB, BS, Hkv, D], got "
-                         f"{tuple(q.shape)} and {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"paged_prefill_attention: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"paged_prefill_attention: head_dim of q ({head_dim}) and cache ({k_cache.shape[3]}) differ")
-    if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"paged_prefill_attention: {num_heads} query heads are not a multiple of "
-                         f"{num_kv_heads} KV heads")
-    if q.dtype not in _Q_DTYPES:
-        raise ValueError(f"paged_prefill_attention: q dtype {q.dtype} is not one of {_Q_DTYPES}")
-    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
-        raise ValueError(f"paged_prefill_attention: the K/V cache must be {q.dtype} (q's dtype) or "
-                         f"torch.float8_e4m3fn, got {k_cache.dtype} / {v_cache.dtype}")
+    name = "paged_prefill_attention"
+    check_paged_attention_args(name, q, k_cache, v_cache, query_start_loc=query_start_loc, seq_lens=seq_lens,
+                               block_tables=block_tables)
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     if (query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2
             or block_tables.shape[0] != num_seqs):
-        raise ValueError(f"paged_prefill_attention: need query_start_loc [B+1], seq_lens [B], block_tables [B, MB]; "
-                         f"got {tuple(query_start_loc.shape)}, {tuple(seq_lens.shape)}, {tuple(block_tables.shape)}")
-    for name, t in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens), ("block_tables", block_tables)):
+        raise ValueError(f"{name}: need query_start_loc [B+1], seq_lens [B], block_tables [B, MB]; got "
+                         f"{tuple(query_start_loc.shape)}, {tuple(seq_lens.shape)}, {tuple(block_tables.shape)}")
+    for arg, t in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens), ("block_tables", block_tables)):
         if t.dtype not in _INDEX_DTYPES:
-            raise ValueError(f"paged_prefill_attention: {name} must be int32 or int64, got {t.dtype}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("query_start_loc", query_start_loc),
-                    ("seq_lens", seq_lens), ("block_tables", block_tables)):
-        if t.device != q.device:
-            raise ValueError(f"paged_prefill_attention: {name} is on {t.device}, q on {q.device}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError("paged_prefill_attention: a Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
-                         "on the CPU use paged_attention_ref")
+            raise ValueError(f"{name}: {arg} must be int32 or int64, got {t.dtype}")
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

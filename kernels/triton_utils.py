@@ -1,5 +1,6 @@
-"""Pieces the Triton kernels here share: interpreter detection, the split of a head into power-of-two parts, a dot
-that survives the interpreter, rounding onto the FP8 E4M3 grid, and E4M3 words converted to fp16 in registers.
+"""Pieces the Triton kernels here share: interpreter detection, the argument checks of both paged attention kernels,
+the split of a head into power-of-two parts, a dot that survives the interpreter, rounding onto the FP8 E4M3 grid,
+and E4M3 words converted to fp16 in registers.
 
 Why they exist (Triton 3.9's CPU interpreter, TRITON_INTERPRET=1, which CI uses to test every kernel):
 - `tl.dot` on bf16 tiles multiplies the raw uint16 storage (triton-lang/triton#11584): errors ~1e9. `mma` with
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -20,6 +22,39 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET") == "1" or bool(triton.knobs.runtime.interpret)
+
+
+ATTENTION_Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_paged_attention_args(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               **index_tensors: torch.Tensor) -> None:
+    """The checks prefill and decode attention share, each failure a ValueError that starts with `name`: q
+    [tokens, Hq, D] in fp32/bf16/fp16; k_cache and v_cache [num_blocks, block_size, Hkv, D] of one shape, in q's dtype
+    or both float8_e4m3fn; Hq a multiple of Hkv; every tensor (the index tensors too) on q's device, a CUDA one unless
+    the kernels run in the interpreter."""
+    if q.dim() != 3:
+        raise ValueError(f"{name}: q must be [tokens, Hq, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{name}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
+                         f"[num_blocks, block_size, Hkv, D]")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, cache_dim = k_cache.shape[2], k_cache.shape[3]
+    if cache_dim != head_dim:
+        raise ValueError(f"{name}: q head_dim {head_dim} != cache head_dim {cache_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"{name}: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if q.dtype not in ATTENTION_Q_DTYPES:
+        raise ValueError(f"{name}: q dtype {q.dtype} not supported ({', '.join(map(str, ATTENTION_Q_DTYPES))})")
+    if v_cache.dtype != k_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"{name}: k_cache/v_cache dtypes {k_cache.dtype}/{v_cache.dtype} must both be q's dtype "
+                         f"({q.dtype}) or torch.float8_e4m3fn")
+    for arg, t in dict(k_cache=k_cache, v_cache=v_cache, **index_tensors).items():
+        if t.device != q.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, q on {q.device}")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{name}: a Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); on the CPU use the "
+                         f"_ref function")
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:

@@ -10,9 +10,9 @@ kernel launches a public wrapper makes so that they can be compiled exactly as t
   `kernel[grid](...)` call goes through, to record the launch instead of running it; outputs stay as the wrapper
   allocated them. Inside it, `kernels.*` modules see `interpreting() == False` (what a GPU run sees, so the
   interpreter-only workarounds UPCAST / DOT_UPCAST / SOFT_E4M3 are off and the constexprs are the GPU's), except
-  in the wrappers' `_check*` input validation, where True keeps CPU tensors acceptable. `torch.matmul` (the
-  BF16 MLP's down projection after its Triton launch) returns an uninitialized tensor of the right shape instead
-  of spending minutes on real-sized CPU matmuls.
+  in the wrappers' `_check*` / `check_*` input validation, where True keeps CPU tensors acceptable.
+  `torch.matmul` (the BF16 MLP's down projection after its Triton launch) returns an uninitialized tensor of the
+  right shape instead of spending minutes on real-sized CPU matmuls.
 - `launch_to_job(launch)` turns a recorded launch into a compile job with Triton's own launch-time
   specialization (`native_specialize_impl`, as `JITFunction.run` uses it): tensors -> '*bf16' etc. with
   tt.divisibility 16 when the data pointer is 16-byte aligned, ints -> i32/i64 (divisible by 16 -> the attr,
@@ -155,10 +155,10 @@ class Capture:
 
 
 def _gpu_view_interpreting() -> bool:
-    """interpreting() as a GPU run sees it (False), except inside input validation (`_check*`), where True keeps
-    the CPU tensors of the capture acceptable."""
+    """interpreting() as a GPU run sees it (False), except inside input validation (`_check*`, `check_*`), where True
+    keeps the CPU tensors of the capture acceptable."""
     caller = sys._getframe(1).f_code.co_name
-    return caller.startswith("_check")
+    return caller.startswith(("_check", "check_"))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import triton_utils
+from kernels.decode_attention import paged_decode_attention
+from kernels.paged_attention import paged_prefill_attention
 from kernels.triton_utils import e4m3_words_to_f16
 
 FP8 = torch.float8_e4m3fn
@@ -42,3 +45,30 @@ def test_e4m3_words_to_f16_inline_asm_on_the_gpu():
     out = torch.empty(256, dtype=torch.float16, device="cuda")
     _words_to_f16_kernel[(1,)](values, out, N=256, ASM=True)
     assert torch.equal(out.view(torch.int16).cpu(), values.to(torch.float16).view(torch.int16).cpu())
+
+
+def _attention_args(kernel):
+    q = torch.randn(2, 4, 64)                                        # [B or T, Hq, D]
+    cache = torch.randn(3, 16, 2, 64)                                # [NB, BS, Hkv, D]
+    tables, lens = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    if kernel is paged_decode_attention:
+        return dict(q=q, k_cache=cache, v_cache=cache.clone(), seq_lens=lens, block_tables=tables, max_seq_len=1,
+                    scale=0.125)
+    return dict(q=q, k_cache=cache, v_cache=cache.clone(), query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
+                seq_lens=lens, block_tables=tables, max_query_len=1, max_seq_len=1, scale=0.125)
+
+
+@pytest.mark.parametrize("kernel", [paged_decode_attention, paged_prefill_attention])
+def test_attention_kernels_refuse_cpu_tensors_outside_the_interpreter(kernel, monkeypatch):
+    # Both wrappers share check_paged_attention_args: without it, decode on CPU tensors reached Triton's launcher.
+    monkeypatch.setattr(triton_utils, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match=f"{kernel.__name__}: a Triton kernel needs CUDA tensors"):
+        kernel(**_attention_args(kernel))
+
+
+@pytest.mark.parametrize("kernel", [paged_decode_attention, paged_prefill_attention])
+def test_attention_kernels_name_the_tensor_on_another_device(kernel):
+    args = _attention_args(kernel)
+    args["block_tables"] = args["block_tables"].to("meta")
+    with pytest.raises(ValueError, match=f"{kernel.__name__}: block_tables is on meta, q on cpu"):
+        kernel(**args)
