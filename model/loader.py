@@ -232,10 +232,15 @@ def safetensors_files(path: str) -> list[str]:
     index_path = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index_path):
         try:
-            with open(index_path) as f:
+            with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        # Checked here, not trusted: a weight_map that is a list, or maps a tensor to a number, would otherwise
+        # surface as an AttributeError/TypeError traceback from the path handling below.
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: not a valid safetensors index (weight_map must map tensor names "
+                                  f"to shard file names)")
         files = [os.path.join(path, shard) for shard in sorted(set(weight_map.values()))]
         absent = [file for file in files if not os.path.isfile(file)]
         if absent:

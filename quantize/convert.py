@@ -163,6 +163,9 @@ def resolve_ignored(patterns: tuple[str, ...] | list[str], num_layers: int) -> l
 
 
 def _check_output(options: QuantizeOptions) -> None:
+    if not options.output:
+        # realpath("") is the working directory but rename(..., "") fails: refused here, not after converting.
+        raise ValueError("--output must name a directory, got an empty path")
     output, model = os.path.realpath(options.output), os.path.realpath(options.model)
     if output == model or model.startswith(output + os.sep):
         raise ValueError(f"--output {options.output} would replace the input checkpoint {options.model}")
@@ -193,7 +196,23 @@ def _calibrate(options: QuantizeOptions, source: SourceCheckpoint) -> calib.Cali
                     options.calibration_data, options.num_calibration_samples)
     log.info("calibrating on %d samples (%d tokens); the model is loaded in float32 on the CPU", len(tokens),
              sum(map(len, tokens)))
-    return calib.calibrate(options.model, tokens)
+    calibration = calib.calibrate(options.model, tokens)
+    _check_calibration_finite(calibration)
+    return calibration
+
+
+def _check_calibration_finite(calibration: calib.Calibration) -> None:
+    """inf/nan activations (from inf/nan in a tensor that is copied rather than quantized: embeddings, norms, an
+    ignored linear) would become inf/nan input_scale / k_scale / v_scale: a checkpoint every loader, n4's first,
+    refuses or runs as garbage. Refused here instead, naming where it first shows up."""
+    amaxes = [(f"the input of {name}", amax) for name, amax in calibration.input_amax.items()]
+    amaxes += [(f"K of layer {layer}", amax) for layer, amax in sorted(calibration.k_amax.items())]
+    amaxes += [(f"V of layer {layer}", amax) for layer, amax in sorted(calibration.v_amax.items())]
+    bad = [where for where, amax in amaxes if not torch.isfinite(amax).all()]
+    if bad:
+        raise CheckpointError(f"calibration measured inf or nan values in {bad[0]}" +
+                              (f" (and {len(bad) - 1} more places)" if len(bad) > 1 else "") +
+                              "; the checkpoint has inf or nan weights and may be corrupt")
 
 
 def _plan_jobs(source: SourceCheckpoint, ignored: list[str], options: QuantizeOptions,
@@ -341,6 +360,7 @@ def _staging_dir(output: str, overwrite: bool) -> Iterator[str]:
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; OUT gets the usual permissions
         yield staging
+        _sync_tree(staging)
         with signals.shielded():  # an interrupt between its two renames would leave no OUT at all
             _publish(staging, output, overwrite)
     except BaseException:
@@ -363,7 +383,7 @@ def _publish(staging: str, output: str, overwrite: bool) -> None:
         if backup:
             os.rename(backup, output)
         raise
-    _fsync_dir(os.path.dirname(os.path.abspath(output)))
+    _fsync_path(os.path.dirname(os.path.abspath(output)))
     if backup:  # best effort: the new checkpoint is in place whatever happens here
         if os.path.isdir(backup) and not os.path.islink(backup):
             shutil.rmtree(backup, ignore_errors=True)
@@ -380,7 +400,21 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(path: str) -> None:
+def _sync_tree(staging: str) -> None:
+    """Flush every file of `staging` (config.json, the index and copied tokenizer files as well as the shards) and
+    its directory entries to disk before the rename publishes it: the rename is made durable by syncing OUT's
+    parent, and without this a crash just after it could leave an OUT that looks complete but has an empty
+    config.json or tokenizer.model (delayed allocation). Shards are already synced by ShardWriter; syncing a
+    clean file again costs nothing."""
+    for name in os.listdir(staging):
+        path = os.path.join(staging, name)
+        if os.path.isfile(path):
+            _fsync_path(path)
+    _fsync_path(staging)
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or a directory (opened read-only: Linux syncs through any descriptor)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

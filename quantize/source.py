@@ -53,7 +53,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}mlp.up_proj.weight"] = (config.intermediate_size, hidden)
         shapes[f"{p}mlp.down_proj.weight"] = (hidden, config.intermediate_size)
     shapes["model.norm.weight"] = shapes["model.norm.bias"] = (hidden,)
-    shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    # A reward checkpoint (Nemotron-4-340B-Reward) replaces the LM head by a [num_labels, hidden] one; like any
+    # lm_head it is copied unquantized.
+    shapes["lm_head.weight"] = (config.num_labels if config.is_reward else config.vocab_size, hidden)
     return shapes
 
 
