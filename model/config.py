@@ -71,6 +71,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         """Read an HF `config.json` dict (transformers 4.x or 5.x layout) of a Nemotron model."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json: expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type != "nemotron":
             raise ValueError(f"config.json: model_type is {model_type!r}; n4 serves Nemotron models (model_type "
@@ -86,6 +88,7 @@ class ModelConfig:
         rope = hf.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rope_percent", 0.5)))
+        _check_sizes(hf)
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         dtype = hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
@@ -150,6 +153,22 @@ class ModelConfig:
 
     def with_(self, **changes) -> "ModelConfig":
         return replace(self, **changes)
+
+
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_sizes(hf: dict) -> None:
+    """The sizes a model is built from are present and whole numbers: a config.json without one (or with "64" for
+    64) is a one-line error naming it, not a KeyError or TypeError traceback from the arithmetic below."""
+    missing = [key for key in _REQUIRED_SIZES if key not in hf]
+    if missing:
+        raise ValueError(f"config.json: missing {', '.join(missing)} (needed to build the model)")
+    for key in _REQUIRED_SIZES + _OPTIONAL_SIZES:
+        value = hf.get(key)
+        if (value is not None or key in _REQUIRED_SIZES) and (type(value) is not int or value < 1):
+            raise ValueError(f"config.json: {key} must be a positive integer, got {value!r}")
 
 
 def _first(value):

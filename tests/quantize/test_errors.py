@@ -123,6 +123,12 @@ SINGLE_FILE_CASES = {
                    "'model.layers.0.mlp.up_proj.weight' has shape [256, 64], config.json implies [128, 64]"),
     "not-nemotron": (lambda p: _edit_config(p, model_type="llama") or [], "model_type is 'llama'"),
     "no-config": (_remove("config.json"), "no config.json"),
+    "config-not-object": (lambda p: open(os.path.join(p, "config.json"), "w").write("[1, 2]") and [],
+                          "config.json: expected a JSON object, got list"),
+    "config-without-heads": (lambda p: _edit_config(p, num_attention_heads=None) or [],
+                             "config.json: num_attention_heads must be a positive integer, got None"),
+    "config-size-as-text": (lambda p: _edit_config(p, hidden_size="64") or [],
+                            "config.json: hidden_size must be a positive integer, got '64'"),
     "quantized-config": (lambda p: _edit_config(p, quantization_config={"quant_method": "fp8"}) or [],
                          "already quantized (config.json has quantization_config with quant_method 'fp8')"),
     "compressed-tensors-config": (
