@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 
 from fastapi import FastAPI, Request
@@ -67,6 +68,13 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_: Request, exc: EngineDeadError):
         return JSONResponse(error_envelope(str(exc), "service_unavailable", code="engine_dead"), status_code=503)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        # Anything unforeseen still answers in the envelope clients parse (Starlette's default is plain text).
+        # Starlette logs the exception after this handler runs.
+        return JSONResponse(error_envelope("The server had an internal error while processing the request.",
+                                           "server_error", code="internal_error"), status_code=500)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, _exc):
@@ -151,6 +159,20 @@ def _check_content_type(raw: Request) -> None:
         raise APIError(f"Content-Type must be application/json, got {media_type[:100]!r}.")
 
 
+# JSON may escape a lone UTF-16 surrogate ("\ud800"); json.loads turns it into a str that cannot be encoded as
+# UTF-8, so the tokenizer (or a 404 quoting the model name) would fail with a 500. Only bodies that spell a surrogate
+# escape at all are checked.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(data) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 async def _parse(raw: Request, model):
     _check_content_type(raw)
     body = await raw.body()
@@ -160,6 +182,9 @@ async def _parse(raw: Request, model):
         raise APIError(f"The request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError("The request body must be a JSON object.")
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(data):
+        raise APIError("The request body contains a lone UTF-16 surrogate escape (such as \\ud800), which is not "
+                       "text: surrogates must come in pairs.")
     try:
         return model.model_validate(data)
     except ValidationError as e:

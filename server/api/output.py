@@ -138,3 +138,18 @@ def chat_logprobs(name: TokenNamer, entries: list[TokenLogprobs]) -> dict:
         row["top_logprobs"] = [item(t, lp) for t, lp in entry.top]
         content.append(row)
     return {"content": content}
+
+
+def prompt_logprobs_vllm(name: TokenNamer, entries: list[TokenLogprobs], prompt_ids: list[int],
+                         num_top: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` extra: per prompt position None (position 0) or {token_id: {logprob, rank,
+    decoded_token}} for the prompt token and the top `num_top` tokens."""
+    def item(token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": _finite(logprob), "rank": rank, "decoded_token": name(token_id)}
+
+    rows: list[dict | None] = [None]
+    for token_id, entry in zip(prompt_ids[1:], entries):
+        row = {str(t): item(t, lp, i + 1) for i, (t, lp) in enumerate(entry.top[:num_top])}
+        row[str(token_id)] = item(token_id, entry.logprob, entry.rank)
+        rows.append(row)
+    return rows

@@ -4,9 +4,10 @@ Responses are built as plain dicts in serving.py: they are written once per toke
 pydantic would add nothing there."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,6 +32,7 @@ class APIError(Exception):
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")   # a logit_bias key: a token id written in ASCII digits
 MAX_ECHOED_CHARS = 200   # a bad request's content is quoted in errors only this far
 
 
@@ -79,13 +81,15 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False   # logprobs name tokens "token_id:N" (exact, for scoring tools)
+    # OpenAI's limit, kept for chat; CompletionRequest lifts it (see there).
+    max_stop_sequences: ClassVar[int | None] = 4
 
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value):
         if isinstance(value, list):
-            if len(value) > 4:
-                raise ValueError("at most 4 stop sequences are allowed")
+            if cls.max_stop_sequences is not None and len(value) > cls.max_stop_sequences:
+                raise ValueError(f"at most {cls.max_stop_sequences} stop sequences are allowed")
             if any(not s for s in value):
                 raise ValueError("stop sequences must not be empty")
         elif value == "":
@@ -96,7 +100,7 @@ class _SamplingFields(_Strict):
     @classmethod
     def _check_bias(cls, value):
         for token, bias in (value or {}).items():
-            if not token.lstrip("-").isdigit():
+            if not _TOKEN_ID_KEY.fullmatch(token):   # what int() takes: not "²" (isdigit) nor "--5"
                 raise ValueError(f"logit_bias keys must be token ids, got {token[:40]!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
@@ -145,6 +149,9 @@ PromptType = Union[str, list[int], list[str], list[list[int]]]
 
 
 class CompletionRequest(_SamplingFields):
+    # No limit on stop sequences, as in vLLM: lm-eval's local-completions sends a task's whole `until` list plus
+    # EOS (humaneval: 6), where its chat backend truncates to OpenAI's 4.
+    max_stop_sequences: ClassVar[int | None] = None
     prompt: PromptType
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False

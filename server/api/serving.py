@@ -11,7 +11,8 @@ from typing import AsyncIterator
 
 from server.api.admission import Admission, Ticket
 from server.api.metrics import ServerMetrics
-from server.api.output import ChoiceDelta, ChoiceProcessor, chat_logprobs, completion_logprobs, TokenNamer
+from server.api.output import (ChoiceDelta, ChoiceProcessor, chat_logprobs, completion_logprobs,
+                               prompt_logprobs_vllm, TokenNamer)
 from server.api.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_envelope, now,
                                  random_id, usage)
 from server.api.tokenizer import Tokenizer
@@ -88,7 +89,9 @@ class OpenAIServing:
 
     def _check_length(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
         """Returns the effective max_tokens; a request over the context is a 400 in vLLM's wording."""
-        requested = max_tokens if max_tokens is not None else max(self.max_model_len - prompt_len, 0)
+        # Omitted: the remaining context, but at least one token, so a prompt that fills the context is refused
+        # (as vLLM does) instead of answered with no text. An explicit 0 (scoring a prompt with echo) stays allowed.
+        requested = max_tokens if max_tokens is not None else max(self.max_model_len - prompt_len, 1)
         if prompt_len + requested > self.max_model_len or prompt_len >= self.max_model_len + (requested == 0):
             raise APIError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
@@ -101,6 +104,11 @@ class OpenAIServing:
     def _sampling_params(request, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                          extra_stop_ids: list[int], seed_offset: int) -> SamplingParams:
         bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
+        seed = request.seed
+        if seed is not None:
+            seed += seed_offset   # sample i of n draws with seed + i, wrapped to stay in the seed range
+            if seed >= 2 ** 64:
+                seed -= 2 ** 64
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -109,7 +117,7 @@ class OpenAIServing:
                 top_p=1.0 if request.top_p is None else request.top_p,
                 top_k=request.top_k or 0,
                 min_p=request.min_p or 0.0,
-                seed=None if request.seed is None else request.seed + seed_offset,
+                seed=seed,
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
                 repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
@@ -255,25 +263,41 @@ class OpenAIServing:
                                                    c.prompt_token_ids + output_ids)
             elif request.logprobs is not None:
                 logprobs = completion_logprobs(name, entries, output_ids)
-            out_choices.append({"index": c.index, "text": text, "logprobs": logprobs,
-                                "finish_reason": c.processor.finish_reason})
+            out_choice = {"index": c.index, "text": text, "logprobs": logprobs,
+                          "finish_reason": c.processor.finish_reason}
+            if request.prompt_logprobs is not None:   # vLLM's extra: only when asked, OpenAI's shape otherwise
+                out_choice["prompt_logprobs"] = prompt_logprobs_vllm(name, c.processor.prompt_logprobs,
+                                                                     c.prompt_token_ids, request.prompt_logprobs)
+            out_choices.append(out_choice)
         return {"id": request_id, "object": "text_completion", "created": now(), "model": self.model_name,
                 "choices": out_choices, "usage": self._usage(choices)}
 
     def _stream_completion(self, request: CompletionRequest, request_id: str,
                            choices: list[_Choice]) -> AsyncIterator[str]:
         name = TokenNamer(self.tokenizer, request.return_tokens_as_token_ids)
-        opening = [{"index": c.index, "text": self.tokenizer.decode(c.prompt_token_ids), "logprobs": None,
-                    "finish_reason": None} for c in choices] if request.echo else []
+        by_index = {c.index: c for c in choices}
+        # text_offset counts from the start of the choice's text across chunks, as in the non-streamed answer.
+        offset = {c.index: 0 for c in choices}
+        echo_pending = {c.index for c in choices} if request.echo else set()
 
         def render(delta: ChoiceDelta) -> dict:
+            text, entries = delta.text, list(delta.logprobs)
+            token_ids = [e.token_id for e in entries]
+            if delta.index in echo_pending:
+                # The echo rides on the choice's first chunk, once the engine has scored the prompt, so it carries
+                # the prompt's logprobs as the non-streamed answer does (position 0 has none).
+                echo_pending.discard(delta.index)
+                choice = by_index[delta.index]
+                text = self.tokenizer.decode(choice.prompt_token_ids) + text
+                entries = [None] + choice.processor.prompt_logprobs + entries
+                token_ids = choice.prompt_token_ids + token_ids
             logprobs = None
-            if request.logprobs is not None and delta.logprobs:
-                logprobs = completion_logprobs(name, delta.logprobs, [e.token_id for e in delta.logprobs])
-            return {"index": delta.index, "text": delta.text, "logprobs": logprobs,
-                    "finish_reason": delta.finish_reason}
+            if request.logprobs is not None and token_ids:
+                logprobs = completion_logprobs(name, entries, token_ids, offset[delta.index])
+                offset[delta.index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+            return {"index": delta.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
-        return self._stream(request, request_id, choices, "text_completion", opening, render)
+        return self._stream(request, request_id, choices, "text_completion", [], render)
 
     # ---- chat ---------------------------------------------------------------------------------------------
     async def chat(self, request: ChatCompletionRequest):

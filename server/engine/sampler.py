@@ -247,7 +247,10 @@ def _apply_min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
 
 def _sample_top_k_top_p(logits: torch.Tensor, gumbel: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Draw from rows that have a top-k and/or a top-p. logits, gumbel [F, V] -> token ids [F]."""
-    top_k = [p.top_k if p.top_k_enabled else 0 for p in params]
+    # A top-k of the whole vocabulary or more keeps every token (0: off). Clamped here because any int passes
+    # validation: 2**63 overflowed the int64 tensor of k's below and failed the whole step.
+    vocab = logits.shape[-1]
+    top_k = [(0 if p.top_k >= vocab else p.top_k) if p.top_k_enabled else 0 for p in params]
     top_p = [p.top_p for p in params]
     candidates, token_idx, log_total = _top_k_candidates(logits, top_k, top_p)   # [F, W], [F, W], [F]
     candidates = _mask_top_p(candidates, top_p, log_total)

@@ -20,6 +20,9 @@ class SamplingParamError(ValueError):
         self.param = param
 
 
+_GREEDY_BELOW = 1e-5   # vLLM's _SAMPLING_EPS
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -75,7 +78,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Temperatures below vLLM's epsilon are greedy too: float32 logits divided by 1e-40 overflow to inf, and
+        # the softmax of those is NaN, which argmax read as token 0 at every step.
+        return self.temperature < _GREEDY_BELOW
 
     @property
     def top_k_enabled(self) -> bool:

@@ -66,6 +66,16 @@ def test_top_k_off_values_and_k_above_vocab():
     logits = torch.zeros(5)
     assert set(draw_many(logits, 2000, top_k=-1).tolist()) == set(range(5))
     assert set(draw_many(logits, 2000, top_k=100).tolist()) == set(range(5))
+    # Any int passes validation; one past int64 once overflowed the k tensor and failed the whole step.
+    assert set(draw_many(logits, 2000, top_k=2 ** 63, top_p=0.9).tolist()) == set(range(5))
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40])
+def test_temperature_below_epsilon_is_greedy(temperature):
+    # Dividing logits by 1e-40 overflows to inf, and the draw from their NaN softmax was token 0 every time.
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(2))
+    requests = [make_request(f"r{i}", temperature=temperature, seed=i) for i in range(8)]
+    assert Sampler(seed=0)(logits, requests).token_ids == logits.argmax(dim=-1).tolist()
 
 
 def test_top_p_keeps_smallest_prefix_reaching_p():
