@@ -24,12 +24,13 @@ class ChoiceProcessor:
     back until it is known not to be one, so a stop string never reaches the client, even split over tokens."""
 
     def __init__(self, index: int, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str],
-                 skip_special_tokens: bool = True, include_stop_str_in_output: bool = False):
+                 skip_special_tokens: bool = True, include_stop_str_in_output: bool = False, min_tokens: int = 0):
         self.index = index
         self.vocab_size = tokenizer.vocab_size
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
         self.stop = stop
         self.include_stop = include_stop_str_in_output
+        self.min_tokens = min_tokens   # stop strings count only from then on, as EOS and stop ids (and vLLM's)
         self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.text = ""        # decoded output so far (possibly past a stop string, before truncation)
         self.sent = 0         # chars of self.text already handed out
@@ -52,7 +53,7 @@ class ChoiceProcessor:
         if out.finished:
             self.text += self.detokenizer.flush()
         delta = ChoiceDelta(self.index, logprobs=list(out.new_logprobs), reward=out.reward)
-        if self.stop and self._find_stop(start):
+        if self.stop and self.num_output_tokens >= self.min_tokens and self._find_stop(start):
             delta.finish_reason = self.finish_reason = "stop"
             delta.stop_string_hit = True
         elif out.finished:

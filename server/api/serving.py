@@ -149,7 +149,8 @@ class OpenAIServing:
                     raise APIError(str(e), param=e.param) from None
                 index = p * request.n + i
                 processor = ChoiceProcessor(index, self.tokenizer, prompt_ids, request.stop_list,
-                                            request.skip_special_tokens, request.include_stop_str_in_output)
+                                            request.skip_special_tokens, request.include_stop_str_in_output,
+                                            params.min_tokens)
                 choices.append(_Choice(index, i, prompt_ids, params, processor, arrival))
         return choices
 

@@ -119,6 +119,21 @@ def test_stop_string_across_token_boundary_is_cut(client):
         assert stop not in got
 
 
+def test_stop_strings_wait_for_min_tokens(client):
+    # As EOS and stop ids do (and vLLM's stop strings): a stop string inside the first min_tokens tokens is output.
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True, "logprobs": 0}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    tokens = choice["logprobs"]["tokens"]
+    stop = next(t for t in tokens[1:4] if t.strip())                # text of an early token
+    cut = choice["text"].find(stop)
+    early = client.post("/v1/completions", json={**body, "stop": [stop]}).json()
+    assert early["choices"][0]["text"] == choice["text"][:cut]
+    late = client.post("/v1/completions", json={**body, "stop": [stop], "min_tokens": 6}).json()
+    assert late["usage"]["completion_tokens"] >= 6
+    assert late["choices"][0]["text"].startswith(choice["text"][:cut] + stop)
+
+
 def test_completion_prompt_forms_and_n(client):
     r = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": ["a b", "c d e"], "n": 2,
                                              "max_tokens": 3, "temperature": 1.0, "seed": 4})
