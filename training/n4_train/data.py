@@ -8,6 +8,7 @@ order depends only on (seed, epoch), so a resumed run sees the same micro-batche
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -187,15 +188,31 @@ class RewardRows:
         return {"input_ids": self.input_ids[index, :width], "last": self.last[index], "targets": self.targets[index]}
 
 
-def helpsteer_rows(path: str, tokenizer: TrainTokenizer, max_len: int) -> tuple[RewardRows, int]:
-    """HelpSteer2-format JSONL: {"prompt", "response", "helpfulness", ..., "verbosity"} (0-4 each); the prompt may
-    also be a list of messages. Rows longer than max_len are skipped. Returns (rows, skipped)."""
+def _records(paths: str | list[str]) -> Iterator[tuple[str, int, dict]]:
+    """(path, line number, record) over one JSONL file or several, in order."""
+    for path in [paths] if isinstance(paths, str) else paths:
+        for number, record in read_jsonl(path):
+            yield path, number, record
+
+
+def _finite(value, name: str) -> float:
+    """float(value), refusing NaN and infinities (json reads NaN/Infinity, float() reads "nan"/"inf"): a non-finite
+    target or reward makes the loss NaN, and a NaN loss makes every weight NaN at the next step."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name}: {value!r} is not a finite number")
+    return number
+
+
+def helpsteer_rows(paths: str | list[str], tokenizer: TrainTokenizer, max_len: int) -> tuple[RewardRows, int]:
+    """HelpSteer2-format JSONL (one file or several): {"prompt", "response", "helpfulness", ..., "verbosity"} (0-4
+    each); the prompt may also be a list of messages. Rows longer than max_len are skipped. Returns (rows, skipped)."""
     sequences, targets, skipped = [], [], 0
-    for number, record in read_jsonl(path):
+    for path, number, record in _records(paths):
         try:
             messages = _prompt_messages(record.get("prompt")) + [
                 {"role": "assistant", "content": _string(record, "response")}]
-            values = [float(record[name]) for name in ATTRIBUTES]
+            values = [_finite(record[name], name) for name in ATTRIBUTES]
             ids = tokenizer.encode(reward_text(messages))
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{path}:{number}: a HelpSteer2 row needs prompt, response and numeric "
@@ -206,7 +223,7 @@ def helpsteer_rows(path: str, tokenizer: TrainTokenizer, max_len: int) -> tuple[
         sequences.append(ids)
         targets.append(values)
     if not sequences:
-        raise DataError(f"{path}: no usable rows")
+        raise DataError(f"{_names(paths)}: no usable rows")
     width = _round_up(max(map(len, sequences)))
     input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
     for i, ids in enumerate(sequences):
@@ -234,18 +251,19 @@ class PreferenceRows:
                 "rewards": self.rewards[index]}
 
 
-def preference_rows(path: str, tokenizer: TrainTokenizer, max_len: int) -> tuple[PreferenceRows, int]:
-    """Pairs JSONL (what `n4-train sdg` writes): {"prompt": str | messages, "chosen": str, "rejected": str,
-    "chosen_reward"?: float, "rejected_reward"?: float}. Pairs longer than max_len are skipped."""
+def preference_rows(paths: str | list[str], tokenizer: TrainTokenizer, max_len: int) -> tuple[PreferenceRows, int]:
+    """Pairs JSONL, one file or several (what `n4-train sdg` writes): {"prompt": str | messages, "chosen": str,
+    "rejected": str, "chosen_reward"?: float, "rejected_reward"?: float}. Pairs longer than max_len are skipped."""
     pairs, rewards, skipped = [], [], 0
-    for number, record in read_jsonl(path):
+    for path, number, record in _records(paths):
         try:
             prompt = _prompt_messages(record.get("prompt"))
             chosen = tokenizer.encode_chat(prompt + [{"role": "assistant", "content": _string(record, "chosen")}],
                                            last_turn_only=True)
             rejected = tokenizer.encode_chat(
                 prompt + [{"role": "assistant", "content": _string(record, "rejected")}], last_turn_only=True)
-            reward = [float(record.get(k, "nan")) for k in ("chosen_reward", "rejected_reward")]
+            # NaN marks an absent reward (DPO does not need one; RPO refuses it); a present one must be finite.
+            reward = [_finite(record[k], k) if k in record else math.nan for k in ("chosen_reward", "rejected_reward")]
         except (DataError, TypeError, ValueError) as e:
             raise DataError(f"{path}:{number}: {e}") from None
         if max(len(chosen.ids), len(rejected.ids)) > max_len:
@@ -254,7 +272,7 @@ def preference_rows(path: str, tokenizer: TrainTokenizer, max_len: int) -> tuple
         pairs.append((chosen, rejected))
         rewards.append(reward)
     if not pairs:
-        raise DataError(f"{path}: no usable pairs")
+        raise DataError(f"{_names(paths)}: no usable pairs")
     chosen = pack_padded([c for c, _ in pairs])
     rejected = pack_padded([r for _, r in pairs])
     return PreferenceRows(*chosen, *rejected, torch.tensor(rewards, dtype=torch.float32)), skipped
@@ -270,6 +288,10 @@ def pack_padded(encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids[i, :len(e.ids)] = ids
         labels[i, :len(e.ids) - 1] = torch.where(torch.tensor(e.trained[1:], dtype=torch.bool), ids[1:], IGNORE)
     return input_ids, labels
+
+
+def _names(paths: str | list[str]) -> str:
+    return paths if isinstance(paths, str) else ", ".join(paths)
 
 
 def _round_up(width: int) -> int:

@@ -3,6 +3,7 @@ shared Trainer, and exports an HF checkpoint (loadable by `n4 serve` and transfo
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -29,7 +30,21 @@ class StageResult:
     summary: dict
 
 
+def check_arguments(args) -> None:
+    """Refuse settings that would crash mid-run with a traceback (--batch-size 0 divides by zero in data.Batches) or
+    train silently on nonsense (a NaN β makes every weight NaN; β = 0 makes the DPO loss a constant log 2)."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seq_len < 2:  # a row needs a token and the next one to predict
+        raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
+    for name in ("beta", "eta"):  # dpo and rpo only
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a positive number, got {value}")
+
+
 def _setup(args, reward: bool = False):
+    check_arguments(args)
     torch.manual_seed(args.seed)
     device = distributed.init_from_env(torch.device(args.device))  # a no-op unless started by torchrun
     precision = resolve_precision(args.precision, device)
@@ -149,8 +164,9 @@ def rm_evaluation(model: TrainableNemotron, rows: D.RewardRows, batch_size: int,
 
 def run_rm(args) -> StageResult:
     precision, tokenizer, net, config = _setup(args, reward=True)
-    rows, skipped = D.helpsteer_rows(args.data[0], tokenizer, args.seq_len)
-    eval_rows = D.helpsteer_rows(args.eval_data[0], tokenizer, args.seq_len)[0] if args.eval_data else None
+    # Every --data / --eval-data file (reading only the first silently dropped the others).
+    rows, skipped = D.helpsteer_rows(args.data, tokenizer, args.seq_len)
+    eval_rows = D.helpsteer_rows(args.eval_data, tokenizer, args.seq_len)[0] if args.eval_data else None
     say(f"{len(rows)} reward rows" + (f", {skipped} longer than {args.seq_len} tokens skipped" if skipped else ""))
     evaluate = (lambda: rm_evaluation(net, eval_rows, args.batch_size, precision.device)) if eval_rows else None
     trainer = Trainer(net, precision, config, D.Batches(rows, args.batch_size, args.seed), _rm_objective,
@@ -236,20 +252,25 @@ def _drop_contradicted(rows: D.PreferenceRows) -> tuple[D.PreferenceRows, int]:
 
 def run_preference(args, method: str) -> StageResult:
     precision, tokenizer, net, config = _setup(args)
-    rows, skipped = D.preference_rows(args.data[0], tokenizer, args.seq_len)
+    rows, skipped = D.preference_rows(args.data, tokenizer, args.seq_len)  # every file, not only the first
     contradicted = 0
     if method == "rpo":
         if torch.isnan(rows.rewards).any():
-            raise D.DataError(f"{args.data[0]}: RPO needs chosen_reward and rejected_reward on every pair")
+            raise D.DataError(f"{', '.join(args.data)}: RPO needs chosen_reward and rejected_reward on every pair")
         rows, contradicted = _drop_contradicted(rows)
         if contradicted:
             say(f"{contradicted} pairs whose rewards rank rejected above chosen skipped (RPO would fit that gap)")
-    train = _WithReference(rows, reference_logprobs(net, rows, args.batch_size, precision.device))
-    held_out = None
-    if args.eval_data:
-        eval_rows = D.preference_rows(args.eval_data[0], tokenizer, args.seq_len)[0]
-        held_out = _WithReference(eval_rows, reference_logprobs(net, eval_rows, args.batch_size, precision.device))
-    before = preference_evaluation(net, held_out, args.batch_size, precision.device) if held_out else None
+    # π_ref is the initial policy, so Δ must start at 0: the reference runs under the same autocast as the policy's
+    # forward in the trainer (and its evaluations). Computed in fp32 against a bf16 policy, Δ started at the
+    # rounding difference of the two precisions instead, and "eval_before" was measured in another precision than
+    # the evaluations it is compared with.
+    with precision.autocast():
+        train = _WithReference(rows, reference_logprobs(net, rows, args.batch_size, precision.device))
+        held_out = None
+        if args.eval_data:
+            eval_rows = D.preference_rows(args.eval_data, tokenizer, args.seq_len)[0]
+            held_out = _WithReference(eval_rows, reference_logprobs(net, eval_rows, args.batch_size, precision.device))
+        before = preference_evaluation(net, held_out, args.batch_size, precision.device) if held_out else None
     evaluate = (lambda: preference_evaluation(net, held_out, args.batch_size, precision.device)) if held_out else None
     trainer = Trainer(net, precision, config, D.Batches(train, args.batch_size, args.seed),
                       preference_objective(method, args.beta, args.eta), lambda batch: batch["chosen"].shape[0],

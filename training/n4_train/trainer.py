@@ -83,8 +83,10 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "clip_grad"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+            # isfinite also refuses NaN, which passes a `< 0` check and makes clip_grad_norm_ (or AdamW's decay)
+            # turn every weight NaN.
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a non-negative number, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -113,6 +115,9 @@ class Trainer:
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
         self.step = 0
+        # Micro-batches consumed so far, over all ranks. Resuming continues from this count rather than from
+        # step * grad_accum * world, which repeated or skipped data when --grad-accum or the rank count changed.
+        self.micro_batches = 0
         os.makedirs(config.output_dir, exist_ok=True)
 
     # ---- resumable state ----------------------------------------------------------------------------------
@@ -125,7 +130,8 @@ class Trainer:
             return path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "rng": torch.get_rng_state(), "config": asdict(self.config)}
+                 "rng": torch.get_rng_state(), "config": asdict(self.config), "micro_batches": self.micro_batches,
+                 "batch_size": getattr(self.batches, "batch_size", None)}
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous state intact
         for old in sorted(os.listdir(os.path.dirname(path)))[:-2]:  # keep the last two
@@ -144,10 +150,16 @@ class Trainer:
         if path is None:
             return False
         state = torch.load(path, map_location=self.precision.device, weights_only=False)
+        batch_size = getattr(self.batches, "batch_size", None)
+        if state.get("batch_size") not in (None, batch_size):  # micro-batch k would be other rows
+            raise ValueError(f"{path} was trained with --batch-size {state['batch_size']}; resume it with the same "
+                             f"batch size (got {batch_size})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.step = state["step"]
+        self.micro_batches = state.get("micro_batches",  # states written before the count was saved
+                                       self.step * state["config"]["grad_accum"] * distributed.world_size())
         self._truncate_log(self.step)
         return True
 
@@ -198,7 +210,7 @@ class Trainer:
         # Micro-batch k of the run goes to rank k % world: with W ranks a step consumes the same W * grad_accum
         # micro-batches one process would consume with grad_accum multiplied by W.
         world, rank = distributed.world_size(), distributed.rank()
-        first = (step - 1) * config.grad_accum * world
+        first = self.micro_batches
         window = [self._to_device(self.batches[first + j * world + rank]) for j in range(config.grad_accum)]
         total = int(distributed.sum_across_ranks(sum(self.count(batch) for batch in window), self.precision.device))
         loss_total, metrics = 0.0, {}
@@ -216,6 +228,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
+        self.micro_batches = first + config.grad_accum * world
         record = {"step": step, "lr": lr, "loss": loss_total / max(total, 1), "count": total,
                   "grad_norm": float(grad_norm)}
         record.update({k: v / len(window) for k, v in metrics.items()})
