@@ -127,7 +127,7 @@ class ChatMessage(_Strict):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)   # as vLLM and TensorRT-LLM join text parts
 
 
 class ChatCompletionRequest(_SamplingFields):

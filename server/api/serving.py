@@ -112,7 +112,7 @@ class OpenAIServing:
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
-                min_tokens=min(request.min_tokens, max_tokens),
+                min_tokens=request.min_tokens,   # above max_tokens: a 400, as in vLLM (was clamped silently)
                 temperature=1.0 if request.temperature is None else request.temperature,
                 top_p=1.0 if request.top_p is None else request.top_p,
                 top_k=request.top_k or 0,

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.config import ModelConfig
+from server.api.protocol import ChatMessage
 from tests.api.conftest import MODEL_NAME, make_app, serve_checkpoint
 from tests.utils import make_tiny_checkpoint
 
@@ -225,3 +226,9 @@ def test_prompt_logprobs_are_returned(client):
     # Without the extra the field is absent or null (OpenAI's shape is untouched).
     plain = client.post("/v1/completions", json={**body, "prompt_logprobs": None}).json()["choices"][0]
     assert plain.get("prompt_logprobs") is None
+
+
+def test_chat_text_parts_join_with_newlines():
+    # vLLM and TensorRT-LLM join a message's text parts with "\n"; "".join glued "Hello" and "there" together.
+    message = ChatMessage(role="user", content=[{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}])
+    assert message.text() == "Hello\nthere"

@@ -181,6 +181,7 @@ def test_logit_bias_forces_token(client):
     ({"logit_bias": {"99999": 5}}, "logit_bias"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"max_tokens": 200}, "max_tokens"),
+    ({"max_tokens": 3, "min_tokens": 5}, "min_tokens"),
 ])
 def test_bad_parameters_are_400_with_param(client, body, param):
     r = client.post("/v1/chat/completions", json=_chat(**body))
