@@ -173,8 +173,8 @@ class LLMEngine:
         if self.model_config.is_reward:
             _check_reward_params(params)
         request = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.model_config.eos_token_id)
+        self.scheduler.add_request(request)   # first: if it refuses the request, no stale id is left behind
         self.requests[request_id] = request
-        self.scheduler.add_request(request)
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         return self._finish(request_ids, RequestStatus.FINISHED_ABORTED)

@@ -134,8 +134,13 @@ class Trainer:
                  "batch_size": getattr(self.batches, "batch_size", None)}
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous state intact
-        for old in sorted(os.listdir(os.path.dirname(path)))[:-2]:  # keep the last two
-            os.remove(os.path.join(os.path.dirname(path), old))
+        # Keep the last two states. Only .pt files count: a .tmp left by a crash mid-write sorted among them and
+        # could leave a single real state. Such leftovers are removed (ours was just renamed).
+        directory = os.path.dirname(path)
+        names = os.listdir(directory)
+        states = sorted(name for name in names if name.endswith(".pt"))
+        for old in states[:-2] + [name for name in names if name.endswith(".tmp")]:
+            os.remove(os.path.join(directory, old))
         return path
 
     def latest_state(self) -> str | None:

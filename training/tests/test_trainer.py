@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -74,6 +75,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(rows, tmp_path):
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     steps = [line for line in open(tmp_path / "resumed" / "train_log.jsonl")]
     assert len(steps) == 6  # the log holds each step once
+
+
+def test_states_keep_the_last_two_whatever_a_crash_left(rows, tmp_path):
+    trainer = _trainer(rows, tmp_path, max_steps=4, save_every=1)
+    state_dir = tmp_path / "trainer_state"
+    state_dir.mkdir()
+    (state_dir / "step-0000099.pt.tmp").write_bytes(b"half a state")   # a crash mid-write in an earlier run
+    trainer.train()
+    assert sorted(os.listdir(state_dir)) == ["step-0000003.pt", "step-0000004.pt"]
 
 
 def _signal_during_update(trainer, at_step: int, signals: int):
