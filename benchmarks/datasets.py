@@ -43,6 +43,8 @@ def make_random_token_prompts(num_prompts: int, input_len: int, vocab_size: int,
 def load_sharegpt(path: str, num_prompts: int, seed: int = 0) -> list[str]:
     """The first human turn of each conversation in a ShareGPT-style JSON file, shuffled by `seed`; `num_prompts`
     of them, cycling through the file when it holds fewer (so a small file still gives the asked-for load)."""
+    if num_prompts <= 0:  # else [] reaches the benchmarks, which index prompts[0] for their warm-up
+        raise ValueError(f"--num-prompts must be positive, got {num_prompts}")
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)

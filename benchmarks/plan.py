@@ -127,7 +127,8 @@ def make_plan(model: str, *, tp: int, gpu: str, kv_cache_dtype: str = "auto", we
               prompt_len: int | None = None) -> dict:
     """Every figure of the plan, as a JSON-ready dict (bytes, seconds, FLOPs; rendered by `render`)."""
     cfg = get_config(model)
-    max_model_len = max_model_len or cfg.max_position_embeddings
+    # `is None`, not `or`: --max-model-len 0 is bad input to reject, not a request for the default
+    max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
     roof = _check(cfg, tp, gpu, weight_dtype, max_model_len, gpu_memory_utilization, max_num_batched_tokens,
                   max_num_seqs)
     if kv_cache_dtype not in KV_CACHE_DTYPES:

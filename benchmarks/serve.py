@@ -4,7 +4,8 @@ Streaming requests (asyncio + httpx) at a Poisson --request-rate or under a --ma
 TTFT (first content chunk), ITL (gaps between content chunks), TPOT ((e2e - ttft) / (output tokens - 1)) and
 end-to-end latency; token counts come from the stream's usage chunk (`stream_options.include_usage`). Aggregated:
 mean/p50/p90/p99 of each, requests/s, output and total tokens/s, and goodput under --slo (requests meeting every
-SLO, per second). A failed request is counted and its error kept; it never stops the run.
+SLO, per second). A failed request (an HTTP error, an error event, a broken or malformed stream, or, as in vLLM's
+client, a stream without a single choices chunk) is counted and its error kept; it never stops the run.
 
     n4 bench serve --base-url http://127.0.0.1:8000 --num-prompts 100 --request-rate 4 --json out.json
     n4 bench serve --base-url http://127.0.0.1:8000 --max-concurrency --sweep 1,4,16 --plot lat.png
@@ -156,11 +157,11 @@ def _error_message(status: int, body: bytes) -> str:
 
 
 async def _request(client, url: str, payload: dict, t0: float) -> RequestResult:
-    import httpx
-
     start = time.perf_counter()
     r = RequestResult(start_s=start - t0)
-    last, chunks, usage = None, 0, None
+    last, chunks, usage, any_choice = None, 0, None, False
+    # Any exception fails this request only, never the run: vLLM's request functions catch every Exception
+    # (a chunk of an unexpected shape raises AttributeError/KeyError/TypeError, not only ValueError).
     try:
         async with client.stream("POST", url, json=payload) as resp:
             if resp.status_code != 200:
@@ -175,10 +176,12 @@ async def _request(client, url: str, payload: dict, t0: float) -> RequestResult:
                 chunk = json.loads(data)
                 if not isinstance(chunk, dict):
                     raise ValueError(f"a stream chunk is not a JSON object: {data[:80]}")
-                if chunk.get("error"):
-                    r.error = "stream error: " + str(chunk["error"].get("message", chunk["error"]))[:200]
+                error = _stream_error(chunk)
+                if error is not None:
+                    r.error = "stream error: " + error[:200]
                     return r
                 now = time.perf_counter()
+                any_choice = any_choice or bool(chunk.get("choices"))
                 if _content(chunk):
                     if last is None:
                         r.ttft_s = now - start
@@ -189,15 +192,31 @@ async def _request(client, url: str, payload: dict, t0: float) -> RequestResult:
             else:
                 r.error = "the stream ended without [DONE]"
                 return r
-    except (httpx.HTTPError, ValueError) as e:  # ValueError: a chunk that is not JSON
+        if not any_choice:  # as vLLM: "Never received a valid chunk to calculate TTFT" is a failed request
+            r.error = "the stream had no choices chunk"
+            return r
+        r.e2e_s = time.perf_counter() - start
+        r.ttft_s = r.e2e_s if r.ttft_s is None else r.ttft_s  # no content chunk: the output arrived with the end
+        r.prompt_tokens = usage.get("prompt_tokens") if usage else None
+        # A usage chunk without a count (null or absent) falls back, as vLLM falls back to its tokenizer.
+        completion = usage.get("completion_tokens") if usage else None
+        r.output_tokens = completion if isinstance(completion, int) else chunks
+    except Exception as e:  # noqa: BLE001 -- see above; CancelledError and KeyboardInterrupt still propagate
         r.error = f"{type(e).__name__}: {e}"[:200]
         return r
-    r.e2e_s = time.perf_counter() - start
-    r.ttft_s = r.e2e_s if r.ttft_s is None else r.ttft_s  # no content chunk: the output arrived with the end
-    r.prompt_tokens = usage.get("prompt_tokens") if usage else None
-    r.output_tokens = usage.get("completion_tokens", chunks) if usage else chunks
     r.ok = True
     return r
+
+
+def _stream_error(chunk: dict) -> str | None:
+    """The message of an error event: {"error": {...}} (OpenAI, vLLM, n4), {"error": "..."} (TGI), or an
+    ErrorResponse sent as the chunk itself, {"object": "error", "message": ...} (older vLLM releases)."""
+    err = chunk.get("error")
+    if err:
+        return str(err.get("message", err)) if isinstance(err, dict) else str(err)
+    if chunk.get("object") == "error":
+        return str(chunk.get("message", chunk))
+    return None
 
 
 async def _first_model(client) -> str:
@@ -209,10 +228,13 @@ async def _first_model(client) -> str:
         raise ConnectionError(f"GET /v1/models: {type(e).__name__}: {e}") from None
     if resp.status_code != 200:
         raise ConnectionError(f"GET /v1/models: {_error_message(resp.status_code, resp.content)}")
-    models = resp.json().get("data") or []
-    if not models:
-        raise ConnectionError("GET /v1/models lists no model; pass --model")
-    return models[0]["id"]
+    try:  # a body of another shape (not JSON, no "data" list, no "id") is the server's error, not a traceback
+        models = resp.json().get("data") or []
+        return str(models[0]["id"])
+    except IndexError:
+        raise ConnectionError("GET /v1/models lists no model; pass --model") from None
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise ConnectionError(f"GET /v1/models: not an OpenAI model list: {resp.text[:200]}; pass --model") from None
 
 
 async def _probe(client, endpoint: str, model: str, prompt: str) -> bool:
@@ -244,6 +266,10 @@ async def run_benchmark(base_url: str, *, endpoint: str, model: str | None, prom
         raise ValueError("run_benchmark needs at least one prompt and output_len >= 1")
     if not request_rate > 0 or (max_concurrency is not None and max_concurrency < 1):
         raise ValueError(f"request rate must be > 0 and max concurrency >= 1, got {request_rate}, {max_concurrency}")
+    try:  # a malformed URL is bad input (one-line error), not a traceback from deep inside httpx
+        httpx.URL(base_url)
+    except httpx.InvalidURL as e:
+        raise ValueError(f"--base-url {base_url!r}: {e}") from None
     connections = min(max_concurrency or len(prompts), len(prompts)) + 1
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers,
@@ -335,6 +361,8 @@ def _loads(args) -> tuple[str | None, list]:
         values = [float(v) for v in args.sweep.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"--sweep takes comma-separated numbers, got {args.sweep!r}") from None
+    if not values:  # no load point would run, and main() would index runs[0]
+        raise ValueError(f"--sweep takes comma-separated numbers, got {args.sweep!r}")
     if args.max_concurrency is not None:
         if any(v < 1 or v != int(v) for v in values):
             raise ValueError(f"--sweep concurrencies must be integers >= 1, got {args.sweep!r}")

@@ -46,6 +46,8 @@ def main(args) -> dict:
 
     if args.output_len <= 0:
         raise ValueError(f"--output-len must be positive, got {args.output_len}")
+    if args.num_prompts <= 0:  # checked before the engine is built (minutes for a large preset), not after
+        raise ValueError(f"--num-prompts must be positive, got {args.num_prompts}")
     engine, tokenizer = _build_engine(args)
     with engine:
         prompts, truncated = _make_prompts(args, engine, tokenizer)
