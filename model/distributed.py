@@ -11,11 +11,13 @@ then unavailable, and `all_reduce` raises rather than silently skipping the sum.
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger(__name__)
 SUPPORTED_SIZES = (1, 2, 4, 8)
 
 
@@ -41,14 +43,31 @@ def backend_for(device: str | torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def check_devices(world_size: int, device: str | torch.device) -> None:
+    """Refuse a TP size the visible devices cannot hold (one CUDA device per rank), before any process starts.
+    Without this, ranks >= the device count fail in set_device while rank 0 waits in the rendezvous for them
+    until the TP timeout (600 s by default) and then reports a timeout, not the cause."""
+    if world_size not in SUPPORTED_SIZES:
+        raise ValueError(f"tensor parallel size must be one of {SUPPORTED_SIZES}, got {world_size}")
+    if torch.device(device).type == "cuda":
+        visible = torch.cuda.device_count()
+        if world_size > visible:
+            raise ValueError(f"tensor parallel size {world_size} needs {world_size} CUDA devices (one per rank), "
+                             f"but {visible} {'is' if visible == 1 else 'are'} visible")
+
+
+def select_device(rank: int, device: str | torch.device) -> None:
+    """Make CUDA device `rank` this process's current device (rank r runs on GPU r); nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(rank)
+
+
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: str | torch.device,
                          timeout_s: float) -> None:
     """Join the TP group (blocks until every rank has joined). A collective that waits longer than timeout_s
     raises (gloo; NCCL with async error handling), which is how a hung rank is noticed."""
-    if world_size not in SUPPORTED_SIZES:
-        raise ValueError(f"tensor parallel size must be one of {SUPPORTED_SIZES}, got {world_size}")
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(rank)
+    check_devices(world_size, device)
+    select_device(rank, device)
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     _STATE.rank, _STATE.world_size, _STATE.group = rank, world_size, dist.group.WORLD
@@ -60,10 +79,20 @@ def set_rank_for_loading(rank: int, world_size: int) -> None:
 
 
 def destroy_tensor_parallel(broken: bool = False) -> None:
-    """Leave the group and return to one rank. broken: a peer died, so only forget the group (destroying it may
-    wait on the dead peer); the process is about to exit."""
-    if _STATE.group is not None and dist.is_initialized() and not broken:
-        dist.destroy_process_group()
+    """Leave the group and return to one rank. broken: a peer died, so the group is aborted rather than destroyed
+    (destroying may wait on the dead peer)."""
+    if _STATE.group is not None and dist.is_initialized():
+        if broken:
+            # Aborted, not merely forgotten: torch's default group would otherwise stay initialized, and the next
+            # engine this process starts (library use, n4 generate, tests) would fail in init_process_group with
+            # "trying to initialize the default process group twice".
+            try:
+                dist.distributed_c10d._abort_process_group()  # private: torch has no public abort (2.13)
+            except Exception as e:  # noqa: BLE001 — a torch without it, or a backend that refuses: forget the group
+                logger.warning("could not abort the broken tensor-parallel group (%r); this process cannot start "
+                               "another one", e)
+        else:
+            dist.destroy_process_group()
     _STATE.rank, _STATE.world_size, _STATE.group = 0, 1, None
 
 

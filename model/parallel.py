@@ -175,7 +175,9 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings = num_embeddings  # the whole vocabulary
         self.embedding_dim = embedding_dim
         self.rows_per_rank = -(-num_embeddings // world)
-        self.vocab_start = distributed.tp_rank() * self.rows_per_rank
+        # Clamped: with a small vocabulary the last ranks' padded ranges lie wholly past it (V = 9 at TP = 8: 2
+        # rows per rank, rank 5 would start at row 10 of 9); such a rank holds only padding, the empty [V, V).
+        self.vocab_start = min(distributed.tp_rank() * self.rows_per_rank, num_embeddings)
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, num_embeddings)  # exclusive; real rows only
         weight = torch.empty(self.rows_per_rank, embedding_dim, dtype=params_dtype or torch.get_default_dtype())
         self.weight = nn.Parameter(weight)  # [V / N (padded), hidden]

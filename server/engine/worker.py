@@ -9,9 +9,12 @@ worker waits on a pipe, not on a collective that would time out, and sees its pa
 
 Failures: a monitor thread on rank 0 watches the workers' process sentinels; an unexpected exit becomes a
 WorkerFailure naming the rank, delivered to `on_failure` callbacks (the engine marks itself dead, the server
-exits). A collective that fails or exceeds the group timeout raises on rank 0 and becomes one too. Workers exit
-when their parent is gone (pipe EOF, or a watchdog polling getppid while they are inside a collective), and the
-parent terminates them on shutdown, at exit, and on any failure, so no process outlives the server.
+exits). A collective that fails or exceeds the group timeout raises on rank 0 and becomes one too. A worker that
+fails sends its traceback over its pipe first, so the WorkerFailure says why; at startup each worker reports before
+it joins the rendezvous, so one that cannot (a bad device) fails the start instead of leaving rank 0 waiting out the
+group timeout there. Workers exit when their parent is gone (pipe EOF, or a watchdog polling getppid while they
+are inside a collective), and the parent terminates them on shutdown, at exit, and on any failure, so no process
+outlives the server.
 """
 from __future__ import annotations
 
@@ -115,9 +118,12 @@ class TPExecutor:
         self.on_failure: list = []   # callables(WorkerFailure), called once, from the monitor or engine thread
         self._stopping = False
         self._lock = threading.Lock()
+        self._pipe_lock = threading.Lock()  # the monitor and the engine thread may both read a dead worker's pipe
 
     # startup
     def start(self) -> None:
+        """Start ranks 1..N-1 and wait until each is about to join the rendezvous (the caller joins it next)."""
+        distributed.check_devices(self.world_size, self.device)  # before any process starts
         ctx = mp.get_context("spawn")
         for rank in range(1, self.world_size):
             parent_end, child_end = ctx.Pipe()
@@ -131,6 +137,9 @@ class TPExecutor:
         atexit.register(self.shutdown)
         logger.info("tensor parallel: started %d worker processes (pids %s)", len(self.procs),
                     ", ".join(str(p.pid) for p in self.procs))
+        # Before rank 0 blocks in the rendezvous: a worker that fails before joining it (its device, an import)
+        # would otherwise leave rank 0 waiting there for the whole TP timeout, then reporting only a timeout.
+        self._expect("joining")
 
     def _expect(self, kind: str) -> list:
         """Wait for message `kind` from every worker; a worker's error or death raises WorkerFailure."""
@@ -184,11 +193,25 @@ class TPExecutor:
 
     # failures
     def _check_workers(self) -> None:
-        for rank, proc in enumerate(self.procs, start=1):
+        for rank, (proc, pipe) in enumerate(zip(self.procs, self.pipes), start=1):
             if proc.exitcode is not None and not self._stopping:
+                reason = self._last_error(rank, pipe)
                 self._fail(WorkerFailure(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with "
-                                         f"{exit_status(proc.exitcode)}"))
+                                         f"{exit_status(proc.exitcode)}" + (f": {reason}" if reason else "")))
                 return
+
+    def _last_error(self, rank: int, pipe) -> str | None:
+        """The exception line of the error a dead worker sent before exiting (its traceback is logged), if any."""
+        error = None
+        with self._pipe_lock, contextlib.suppress(OSError, EOFError, ValueError):
+            while pipe.poll():  # the worker is gone: this drains what it sent, then EOFError ends it
+                kind, value = pipe.recv()
+                if kind == "error":
+                    error = value
+        if error is None:
+            return None
+        logger.error("tensor-parallel rank %d failed:\n%s", rank, error.rstrip())
+        return error.strip().splitlines()[-1]
 
     def _monitor(self) -> None:
         sentinels = [p.sentinel for p in self.procs]
@@ -219,6 +242,14 @@ class TPExecutor:
         deadline = time.monotonic() + timeout
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
+        # A worker that did not stop cleanly (dead, failed at startup, stuck) makes the group broken even when no
+        # WorkerFailure was recorded (startup failures raise without one): abort it rather than wait on that peer.
+        broken = self.failure is not None or any(proc.exitcode != 0 for proc in self.procs)
+        for rank, (proc, pipe) in enumerate(zip(self.procs, self.pipes), start=1):
+            if proc.exitcode not in (0, None):
+                # Logged: a worker's error rank 0 never asked for (it failed while rank 0 was loading, so rank 0
+                # saw only a collective's "connection closed") would otherwise be lost with the pipe.
+                self._last_error(rank, pipe)
         for proc in self.procs:
             if proc.is_alive():
                 proc.terminate()
@@ -229,7 +260,7 @@ class TPExecutor:
                 proc.join(2.0)
         for pipe in self.pipes:
             pipe.close()
-        distributed.destroy_tensor_parallel(broken=self.failure is not None)
+        distributed.destroy_tensor_parallel(broken=broken)
         self._dir.cleanup()
         atexit.unregister(self.shutdown)
 
@@ -263,8 +294,10 @@ def worker_main(rank: int, world_size: int, init_method: str, spec: LoadSpec, en
     if device.type == "cpu":  # N processes share the cores; oversubscribing threads costs more than it gives
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
+        distributed.select_device(rank, device)
         from model.loader import load_model
 
+        conn.send(("joining", None))  # rank 0 joins the rendezvous only once every worker got this far
         distributed.init_tensor_parallel(rank, world_size, init_method, device, engine_config.tp_timeout_s)
         model, config = load_model(spec.model, dtype=spec.dtype, device=str(device), load_format=spec.load_format,
                                    kernel_backend=engine_config.kernel_backend, quantization=spec.quantization,
@@ -289,7 +322,13 @@ def _serve_steps(model, kv_caches, conn, device: torch.device) -> None:
             os._exit(1)
         if kind == "stop":
             return
-        payload = torch.empty(payload_size(header), dtype=torch.int64, device=device)
-        distributed.broadcast(payload, src=0)
-        input_ids, positions, md, rows = unpack_step(header, payload)
-        run_forward(model, kv_caches, input_ids, positions, md, rows)
+        try:
+            payload = torch.empty(payload_size(header), dtype=torch.int64, device=device)
+            distributed.broadcast(payload, src=0)
+            input_ids, positions, md, rows = unpack_step(header, payload)
+            run_forward(model, kv_caches, input_ids, positions, md, rows)
+        except BaseException:
+            # This rank is about to die: tell rank 0 why, so its WorkerFailure says more than "exit code 1".
+            with contextlib.suppress(OSError):
+                conn.send(("error", traceback.format_exc()))
+            raise
