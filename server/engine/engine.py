@@ -223,9 +223,12 @@ class LLMEngine:
         for s in batch.scheduled:
             request = s.request
             request_id = request.request_id
-            num_prompt_tokens = len(request.prompt_token_ids)
-            if s.start < num_prompt_tokens:
-                prompt_tokens += min(s.num_new_tokens, num_prompt_tokens - s.start)
+            # Prompt positions computed for the first time (vLLM counts a prompt once, however often a preempted
+            # request recomputes it; before, 4 prompts of 20 tokens and 3 preemptions counted 140).
+            prompt_end = min(s.start + s.num_new_tokens, len(request.prompt_token_ids))
+            if prompt_end > request.num_prompt_tokens_counted:
+                prompt_tokens += prompt_end - max(s.start, request.num_prompt_tokens_counted)
+                request.num_prompt_tokens_counted = prompt_end
             token = sampled.get(request_id)
             is_finished = request_id in finished_ids
             if token is None and not is_finished and request_id not in prompt_logprobs:

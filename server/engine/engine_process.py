@@ -8,12 +8,16 @@ an 8-layer 512-wide fp32 model at 16 concurrent streams stepped in ~45 ms over H
 Wire protocol (multiprocessing pipes, pickled tuples):
 - parent -> child: ("add", (request_id, prompt_token_ids, params)), ("abort", ids), ("stop", ids), ("shutdown", None)
 - child -> parent: ("ready", EngineInfo) or ("load_failed", (kind, message)) once; then ("outputs", (outputs,
-  EngineSnapshot)) per step that produced anything, and ("dead", (message, fatal)) when the engine cannot go on.
+  EngineSnapshot)) per step that produced anything or changed the snapshot, and ("dead", (message, fatal)) when the
+  engine cannot go on.
 A fatal death (a tensor-parallel rank failed, or the engine process itself vanished) runs `fatal_callbacks`: the
 server exits non-zero. A non-fatal one (a step raised) leaves the server up, answering 503 on /health.
 
-The child ignores SIGINT (the server drains on Ctrl-C, then stops it) and exits when its parent is gone (end of
-file on the command pipe), so no engine outlives its server.
+The child ignores SIGINT (the server drains on Ctrl-C, then stops it), and SIGTERM once the model is loaded: a
+SIGTERM meant for the server often reaches the whole process group or cgroup (systemd's default KillMode, `timeout`,
+`kill -- -PGID`, dumb-init), and an engine that died of it would turn the server's drain into an engine failure
+(in-flight streams got an error, exit status 1). It exits when its parent is gone (end of file on the command
+pipe), so no engine outlives its server; the server stops it with the "shutdown" command, SIGKILL as a last resort.
 """
 from __future__ import annotations
 
@@ -141,7 +145,9 @@ class EngineProcess(EngineClient):
             with contextlib.suppress(OSError):
                 self._commands_conn.send(("shutdown", None))
         self._proc.join(timeout)
-        _stop_process(self._proc, timeout=5.0)
+        if self._proc.is_alive():   # hung: a loaded engine ignores SIGTERM (see the module docstring)
+            self._proc.kill()
+            self._proc.join(5.0)
         self._outbox.put(None)
         with contextlib.suppress(OSError):
             self._commands_conn.close()
@@ -297,11 +303,15 @@ class _EngineLoop:
         self.outputs = outputs
         self._send_lock = threading.Lock()  # the tensor-parallel monitor thread may report a failure meanwhile
         self._dead = threading.Event()
+        self._last_snapshot = None   # the snapshot the server has (None: none sent yet)
         if engine.executor is not None:
             engine.executor.on_failure.append(lambda failure: self._report_death(str(failure), fatal=True))
 
     def run(self) -> None:
         from server.engine.worker import WorkerFailure
+        # Loaded: from now on the server decides when we stop (after its drain). Before this, SIGTERM still ends a
+        # load (EngineProcess.launch's cleanup relies on it).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             self._send("ready", engine_info(self.engine))
         except OSError:
@@ -321,9 +331,15 @@ class _EngineLoop:
                 logging.getLogger(__name__).exception("engine step failed")
                 self._report_death(str(e) if isinstance(e, WorkerFailure) else f"engine failed: {e!r}", fatal)
                 return
-            if outputs:
+            # A step can change the gauges without producing an output (a prompt chunk: on 2 cores an 800-token
+            # prompt in 16-token chunks showed nothing running and an empty KV cache for 1.6 s), so a changed
+            # snapshot goes out on its own too. Only a changed one: an engine spinning on an unschedulable waiting
+            # request must not flood the pipe.
+            snapshot = self.engine.snapshot()
+            if outputs or snapshot != self._last_snapshot:
+                self._last_snapshot = snapshot
                 try:
-                    self._send("outputs", (outputs, self.engine.snapshot()))
+                    self._send("outputs", (outputs, snapshot))
                 except OSError:
                     return
 

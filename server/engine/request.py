@@ -50,6 +50,8 @@ class Request:
     stop_reason: int | str | None = None
     # Prompt positions whose logprobs were already returned (so a recompute after preemption skips them).
     num_prompt_logprobs_done: int = 0
+    # Prompt positions already counted in the prompt_tokens metric (a recompute after preemption counts none again).
+    num_prompt_tokens_counted: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
 

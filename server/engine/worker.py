@@ -306,6 +306,10 @@ def worker_main(rank: int, world_size: int, init_method: str, spec: LoadSpec, en
         kind, (num_blocks, kv_dtype) = conn.recv()
         kv_caches = allocate_kv_caches(config, num_blocks, engine_config.block_size, kv_dtype, device)
         conn.send(("ready", None))
+        # Loaded: rank 0 stops us ("stop", then terminate, then kill). A SIGTERM meant for the server often reaches
+        # the whole process group or cgroup (systemd, `timeout`, dumb-init); dying of it would make the server's
+        # drain a fatal rank failure, as for the engine process (server/engine/engine_process.py).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except BaseException:  # noqa: BLE001 — report any startup failure to rank 0, which names this rank
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))

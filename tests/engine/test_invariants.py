@@ -316,3 +316,15 @@ def test_engine_under_pressure_matches_an_unpressured_run(tiny_model):
         assert (got[rid], reasons[rid]) == (expected[rid], expected_reasons[rid]), rid
         assert len(got_lps[rid]) == len(expected_lps[rid]), rid
         torch.testing.assert_close(torch.tensor(got_lps[rid]), torch.tensor(expected_lps[rid]), atol=1e-4, rtol=0)
+
+
+def test_prompt_tokens_count_each_prompt_once_through_preemptions(tiny_model):
+    # The prompt_tokens metric counts computed prompt positions; a preempted request recomputing its prompt must not
+    # count it again (before: 4 prompts of 20 tokens with 3 preemptions counted 140).
+    rng = random.Random(3)
+    requests = {f"p{i}": ([rng.randrange(4, 256) for _ in range(20)],
+                          SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)) for i in range(4)}
+    engine, *_ = run_engine(tiny_model, requests, dict.fromkeys(requests, 0), {}, num_kv_blocks=16, block_size=4,
+                            max_num_batched_tokens=16)
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.stats.prompt_tokens == 80

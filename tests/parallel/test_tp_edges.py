@@ -4,6 +4,8 @@ a step, reaching rank 0 as a WorkerFailure that names the rank and says why, wit
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import time
 
 import pytest
@@ -141,3 +143,18 @@ def test_worker_load_error_is_logged_when_rank0_fails_in_a_collective(tp_checkpo
     assert "MemoryError: injected load failure on rank 1" in caplog.text
     assert _no_children_left()
     assert distributed.tp_world_size() == 1
+
+
+@pytest.mark.slow
+def test_loaded_workers_outlive_a_sigterm_meant_for_the_server(tp_checkpoint):
+    """systemd, `timeout` and dumb-init send SIGTERM to the whole group: a rank that died of it turned the server's
+    drain into a fatal tensor-parallel failure. Loaded ranks ignore it; rank 0 still stops them."""
+    with LLMEngine.from_pretrained(tp_checkpoint, _engine_config(2)) as engine:
+        (proc,) = engine.executor.procs
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.is_alive()
+        engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert _no_children_left()
