@@ -33,16 +33,28 @@ import sentencepiece as spm
 _SPACE = "\u2581"  # "▁", SentencePiece's visible space
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _CHAT_STOP_PIECE = "<extra_id_1>"
-_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+_ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+_SYSTEM_ROLES = ("system", "developer")   # OpenAI's newer clients send the system prompt as "developer"
 # apply_chat_template as a Jinja template (HF's chat_template convention), for clients that render prompts
-# themselves from /tokenizer_info (lm-eval's remote tokenizer). tests/api/test_tokenize.py checks that both agree.
+# themselves from /tokenizer_info (lm-eval's remote tokenizer). It must give the same text as the server for the
+# same request messages, so it also takes what the API accepts (content as null or text parts, joined with "\n"
+# as ChatMessage.text() does; "developer" as the system role), and it refuses what the server refuses with 400,
+# rather than render a silently different prompt: raise_exception is HF's global; in a plain Jinja environment
+# calling it (undefined) raises UndefinedError. tests/api/test_text_edges.py renders it in plain, lm-eval's and
+# HF's environments. No whitespace control ("{%-"): HF's trim_blocks/lstrip_blocks then change nothing.
 CHAT_TEMPLATE = (
-    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-    "{% else %}{% set system = '' %}{% endif %}"
+    "{% macro text(content) %}{% if content is string %}{{ content }}"
+    "{% elif content is not none %}{{ content | map(attribute='text') | join('\\n') }}{% endif %}{% endmacro %}"
+    "{% if not messages %}{{ raise_exception('messages must contain at least one message.') }}{% endif %}"
+    "{% if messages[0]['role'] in ['system', 'developer'] %}{% set system = text(messages[0]['content']) %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
     "<extra_id_0>System\n{{ system }}\n"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}<extra_id_1>User\n{{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}<extra_id_1>Assistant\n{{ message['content'] }}\n{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}<extra_id_1>User\n{{ text(message['content']) }}\n"
+    "{% elif message['role'] == 'assistant' %}<extra_id_1>Assistant\n{{ text(message['content']) }}\n"
+    "{% elif message['role'] in ['system', 'developer'] %}"
+    "{{ raise_exception('a system message is only allowed as the first message.') }}"
+    "{% else %}{{ raise_exception('Nemotron-4 chat supports system, user and assistant roles.') }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<extra_id_1>Assistant\n{% endif %}"
 )
@@ -233,7 +245,7 @@ class Tokenizer:
         followed by ``<extra_id_1>Assistant\\n`` when ``add_generation_prompt``. With
         ``add_generation_prompt=False`` and a final assistant message the text ends with that message's content
         and ``"\\n"``: the form a reward model scores. Roles must be system (first message only), user or
-        assistant; contents must be strings.
+        assistant ("developer" is taken as system, as the API does); contents must be strings.
         """
         if not messages:
             raise ValueError("messages must contain at least one message.")
@@ -241,7 +253,7 @@ class Tokenizer:
         turns = []
         for index, message in enumerate(messages):
             role, content = self._check_message(index, message)
-            if role == "system":
+            if role in _SYSTEM_ROLES:
                 if index != 0:
                     raise ValueError(f"messages[{index}]: a system message is only allowed as the first message.")
                 system = content
@@ -259,7 +271,7 @@ class Tokenizer:
         role = message.get("role")
         if role not in _ROLE_NAMES:
             raise ValueError(f"messages[{index}]: unsupported role {str(role)[:40]!r}; "
-                             f"Nemotron-4 chat supports 'system', 'user' and 'assistant'.")
+                             f"Nemotron-4 chat supports 'system' (or 'developer'), 'user' and 'assistant'.")
         content = message.get("content")
         if not isinstance(content, str):
             raise ValueError(f"messages[{index}]: 'content' must be a string.")
