@@ -8,6 +8,7 @@ import json
 import os
 import random
 
+from server.api.tokenizer import CHAT_TEMPLATE
 
 
 
@@ -114,6 +115,9 @@ def write_hf_tokenizer(model_dir: str) -> list[str]:
         "legacy": False,
         "model_max_length": _max_positions(model_dir),
         "added_tokens_decoder": added_decoder,
+        # The Nemotron-4 chat format as n4 serves it, so vLLM or transformers reading this folder build the same
+        # chat prompts (without it they have no chat template at all).
+        "chat_template": CHAT_TEMPLATE,
         **specials,
     }
     paths = [os.path.join(model_dir, n) for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]

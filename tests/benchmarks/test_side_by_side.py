@@ -214,3 +214,16 @@ def test_shipped_hf_tokenizer_encodes_and_decodes_like_sentencepiece():
     with open(os.path.join(DEMO, "tokenizer_config.json")) as f:
         config = json.load(f)
     assert config["add_bos_token"] is False and config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_shipped_hf_tokenizer_builds_the_chat_prompts_n4_runs():
+    # vLLM and transformers read the chat template from tokenizer_config.json; without one they had none.
+    transformers = pytest.importorskip("transformers")
+    from server.api.tokenizer import Tokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(DEMO)
+    ours = Tokenizer.from_pretrained(DEMO)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"},
+                {"role": "assistant", "content": "A sequence."}, {"role": "user", "content": "And a tuple?"}]
+    rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == ours.apply_chat_template(messages)
+    assert hf.encode(rendered, add_special_tokens=False) == ours.encode(rendered)
