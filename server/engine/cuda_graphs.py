@@ -8,6 +8,9 @@ padded up to the next captured size, and the graph runs every kernel with no Pyt
 Padding rows are inert: token 0 at position 0, slot_mapping -1 (the KV write skips negative slots), a
 one-token sequence whose block table points at block 0 (read but never written), and their outputs dropped.
 
+Only a model on the Triton backend is captured (ModelRunner's choice): the torch references sync with the host,
+which a capturing stream refuses.
+
 `capture=False` runs exactly the same static-buffer code eagerly; the CPU tests use it to check the padding and
 buffer logic, which is everything here but the capture call itself.
 """

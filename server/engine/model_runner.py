@@ -51,8 +51,14 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # CUDA graphs would have to capture the collectives too; under TP steps run eagerly (not measured yet).
         # A reward model never decodes, so it has no decode graphs to capture.
+        # Only the Triton backend is capturable: the torch references index with boolean masks and call nonzero()
+        # (rope_kv_write_ref's `slot_mapping[keep]`, paged_decode_attention_ref's `outside`), each a device-to-host
+        # sync that a capturing stream refuses, so capturing them failed the engine's start on a GPU.
+        backend = getattr(model, "kernel_backend", engine_config.kernel_backend)
+        if backend != "triton" and self.device.type == "cuda" and not engine_config.enforce_eager:
+            logger.info("decode steps run eagerly: the %r kernel backend cannot be captured in CUDA graphs", backend)
         if (self.device.type == "cuda" and not engine_config.enforce_eager and executor is None
-                and not self.is_reward):
+                and not self.is_reward and backend == "triton"):
             max_blocks = -(-engine_config.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(model, self.kv_caches, engine_config.max_num_seqs, max_blocks,
                                        engine_config.max_model_len, self.device)
