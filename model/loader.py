@@ -129,8 +129,9 @@ def _scale_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
 
 def _leave_ignored_unquantized(net: NemotronForCausalLM, quant: QuantConfig) -> None:
-    """Give the linear layers a checkpoint leaves unquantized (its ignore list) plain weights in the model dtype."""
-    if not quant.ignored_modules:
+    """Give the linear layers a checkpoint leaves unquantized (its ignore list, and the layers no compressed-tensors
+    config group targets) plain weights in the model dtype."""
+    if not quant.leaves_some_unquantized:
         return
     plain = UnquantizedLinearMethod()
     dtype = getattr(torch, net.config.torch_dtype)
@@ -139,7 +140,8 @@ def _leave_ignored_unquantized(net: NemotronForCausalLM, quant: QuantConfig) -> 
             continue
         hf_names = hf_module_names(name)
         # Our fused name (qkv_proj) in an ignore list counts for all of its parts.
-        ignored = [quant.is_ignored(hf_name) or quant.is_ignored(name) for hf_name in hf_names]
+        # Targets (compressed-tensors) are matched against the checkpoint's names only.
+        ignored = [not quant.quantizes(hf_name) or quant.is_ignored(name) for hf_name in hf_names]
         if any(ignored) and not all(ignored):
             raise ValueError(f"the checkpoint leaves {[n for n, i in zip(hf_names, ignored) if i]} unquantized but "
                              f"not {[n for n, i in zip(hf_names, ignored) if not i]}; n4 fuses them into one layer")

@@ -7,10 +7,13 @@ The FP8 method is `model.fp8.Fp8LinearMethod`; which FP8 format a checkpoint is 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from model import cpu_gemm
+from model.errors import CheckpointError
 
 
 class LinearMethod:
@@ -44,6 +47,7 @@ class UnquantizedLinearMethod(LinearMethod):
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         weight = torch.empty(out_features, in_features, dtype=dtype)  # [out, in]
         layer.weight = nn.Parameter(weight)
+        layer.weight.weight_loader = functools.partial(_load_plain_weight, layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return cpu_gemm.linear(x, layer.weight, getattr(layer, "cpu_packed_weight", None))  # [..., out]
@@ -60,6 +64,19 @@ class UnquantizedLinearMethod(LinearMethod):
             return self.apply(down, self.apply(up, x).relu_().square_())  # [T, hidden]
         # The backend's MLP: a Triton GEMM with relu(.)**2 applied on the fp32 accumulator, or its reference.
         return ops.squared_relu_mlp(x, up.weight, down.weight)  # [T, hidden]
+
+
+def _load_plain_weight(layer: nn.Module, param: torch.Tensor, loaded, shard_id: str | None = None) -> None:
+    """The layer's own loader, after refusing an FP8 tensor: an unquantized layer has no scale for it, and casting
+    E4M3 values to the model dtype as they are would load the weight off by its scale (for a whole checkpoint, one
+    whose quantization config is missing; for one layer, a layer its config says is not quantized)."""
+    if loaded.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise CheckpointError(f"found an FP8 weight ({loaded.dtype}) for a layer that the checkpoint's quantization "
+                              f"config (if it has one) leaves unquantized, and so no scale to dequantize it with")
+    if shard_id is None:
+        layer.weight_loader(param, loaded)
+    else:
+        layer.weight_loader(param, loaded, shard_id)
 
 
 # ---- The FP8 checkpoint format (defined here once; `n4 quantize` writes it, the loader reads it) ------------

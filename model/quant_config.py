@@ -6,7 +6,8 @@ E4M3 `X.weight`, fp32 `X.weight_scale` and, for static activations, `X.input_sca
 - HF / vLLM: config.json `quantization_config = {"quant_method": "fp8", "activation_scheme", "ignored_layers"}`; the
   weight scale is per tensor unless its shape ([out] / [out, 1]) says per output channel.
 - compressed-tensors (llm-compressor): `quant_method: "compressed-tensors"`, `format: "float-quantized"`,
-  `config_groups.*.{weights, input_activations}` with their strategies, `ignore`, `kv_cache_scheme`.
+  `config_groups.*.{targets, weights, input_activations}` with their strategies, `ignore`, `kv_cache_scheme`; a
+  linear layer no group targets is stored unquantized, like an ignored one.
 - NVIDIA ModelOpt: `hf_quant_config.json` with `quantization: {quant_algo, kv_cache_quant_algo, exclude_modules}`
   (newer exports put the same keys in config.json as `quant_method: "modelopt"`).
 
@@ -52,12 +53,16 @@ class QuantConfig:
     ignored_modules: HF module names or patterns (exact, a parent module, fnmatch globs, or "re:" regexes) whose
         linear layers stay unquantized.
     kv_scales: the checkpoint carries per-layer KV-cache scales.
+    targets: compressed-tensors' config groups quantize only the linear layers their `targets` match (module names,
+        a parent module, or "re:" regexes); () means every linear layer (the target "Linear", and every other
+        format).
     """
     source: str
     weight_granularity: str
     activation_scheme: str = "dynamic"
     ignored_modules: tuple[str, ...] = ()
     kv_scales: bool = False
+    targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -83,22 +88,32 @@ class QuantConfig:
         return self.source != "online"
 
     def is_ignored(self, module: str) -> bool:
-        """Whether the linear layer with HF module name `module` stays unquantized."""
-        for pattern in self.ignored_modules:
-            if pattern.startswith("re:"):
-                if re.match(pattern[3:], module):
-                    return True
-            elif any(c in pattern for c in "*?["):
-                if fnmatch.fnmatchcase(module, pattern):
-                    return True
-            elif module == pattern or module.startswith(pattern + "."):
-                return True
-        return False
+        """Whether the linear layer with HF module name `module` is on the checkpoint's ignore list."""
+        return any(_matches(pattern, module) for pattern in self.ignored_modules)
+
+    def quantizes(self, module: str) -> bool:
+        """Whether the checkpoint holds the linear layer with HF module name `module` in FP8: targeted by a config
+        group (compressed-tensors; every layer in the other formats) and not ignored."""
+        return (not self.targets or any(_matches(t, module) for t in self.targets)) and not self.is_ignored(module)
+
+    @property
+    def leaves_some_unquantized(self) -> bool:
+        return bool(self.ignored_modules or self.targets)
 
     def describe(self) -> str:
         where = "quantized at load" if self.source == "online" else f"{self.source} checkpoint"
         activations = "dynamic per-token" if self.activation_scheme == "dynamic" else "static per-tensor"
         return f"fp8 per-{self.weight_granularity} weights, {activations} activations ({where})"
+
+
+def _matches(pattern: str, module: str) -> bool:
+    """An ignore-list entry or target: a "re:" regex (re.match: anchored at the start of the name), an fnmatch glob
+    (ModelOpt's "*lm_head*"), or a module name, which also covers the modules under it."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(module, pattern)
+    return module == pattern or module.startswith(pattern + ".")
 
 
 def kv_scale_target(name: str) -> tuple[str, str] | None:
@@ -143,18 +158,36 @@ def detect_quant_config(hf_config: Mapping, modelopt_config: Mapping | None,
                              f"quantization_config and there is no {MODELOPT_CONFIG}")
         return None
     if qc is None:
-        return _modelopt(modelopt_config.get("quantization") or {}, scale_shapes, MODELOPT_CONFIG)
-    if not isinstance(qc, Mapping):
-        raise ValueError(f"config.json: quantization_config must be an object, got {type(qc).__name__}")
+        modelopt_config = _mapping(modelopt_config, MODELOPT_CONFIG)
+        quant = _mapping(modelopt_config.get("quantization") or {}, f"{MODELOPT_CONFIG}: quantization")
+        return _modelopt(quant, scale_shapes, MODELOPT_CONFIG)
+    qc = _mapping(qc, "config.json: quantization_config")
     method = str(qc.get("quant_method", "")).lower()
     if method == "fp8":
         return _hf_fp8(qc, scale_shapes)
     if method == "compressed-tensors":
         return _compressed_tensors(qc, scale_shapes)
     if method == "modelopt":
-        return _modelopt(qc.get("quantization") or qc, scale_shapes, "config.json quantization_config")
+        where = "config.json quantization_config"
+        return _modelopt(_mapping(qc.get("quantization") or qc, f"{where}: quantization"), scale_shapes, where)
     raise ValueError(f"config.json: quantization_config.quant_method {qc.get('quant_method')!r} is not supported; "
                      f"{_SUPPORTED}")
+
+
+def _mapping(value, where: str) -> Mapping:
+    """A config value that must be a JSON object; anything else is a ValueError naming it, not an AttributeError."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _names(value, where: str) -> tuple[str, ...]:
+    """A list of module names or patterns (null: none). A bare string is refused, not read as its characters."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where} must be a list of module names, got {value!r:.80}")
+    return tuple(value)
 
 
 def _kv_scales_present(scale_shapes: Mapping) -> bool:
@@ -189,28 +222,50 @@ def _hf_fp8(qc: Mapping, scale_shapes: Mapping) -> QuantConfig:
     scheme = qc.get("activation_scheme", "dynamic")
     if scheme not in ACTIVATION_SCHEMES:
         raise ValueError(f"{where}: activation_scheme {scheme!r} is not supported (dynamic or static)")
-    ignored = tuple(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or ())
+    key = "ignored_layers" if qc.get("ignored_layers") else "modules_to_not_convert"
+    ignored = _names(qc.get(key), f"{where}: {key}")
     return QuantConfig("fp8", _weight_granularity(scale_shapes, where), scheme, ignored,
                        _kv_scales_present(scale_shapes))
 
 
 def _compressed_tensors(qc: Mapping, scale_shapes: Mapping) -> QuantConfig:
     where = "config.json quantization_config (compressed-tensors)"
-    groups = qc.get("config_groups") or {}
+    groups = _mapping(qc.get("config_groups") or {}, f"{where}: config_groups")
     if not groups:
         raise ValueError(f"{where}: no config_groups")
-    schemes = {_ct_group(name, group, qc.get("format"), where) for name, group in groups.items()}
+    schemes = {_ct_group(name, _mapping(group, f"{where}: group {name!r}"), qc.get("format"), where)
+               for name, group in groups.items()}
     if len(schemes) > 1:
         raise ValueError(f"{where}: config groups with different schemes {sorted(schemes)} are not supported")
     granularity, activations = schemes.pop()
     kv = qc.get("kv_cache_scheme")
     if kv is not None:
+        kv = _mapping(kv, f"{where}: kv_cache_scheme")
         _ct_check_float8(kv, f"{where}: kv_cache_scheme")
         if kv.get("strategy", "tensor") != "tensor" or kv.get("dynamic", False):
             raise ValueError(f"{where}: kv_cache_scheme must be static per tensor, got strategy "
                              f"{kv.get('strategy')!r}, dynamic {kv.get('dynamic')!r}")
-    return QuantConfig("compressed-tensors", granularity, activations, tuple(qc.get("ignore") or ()),
-                       _kv_scales_present(scale_shapes))
+    return QuantConfig("compressed-tensors", granularity, activations, _names(qc.get("ignore"), f"{where}: ignore"),
+                       _kv_scales_present(scale_shapes), _ct_targets(groups, where))
+
+
+def _ct_targets(groups: Mapping, where: str) -> tuple[str, ...]:
+    """The layers the config groups quantize: () for all of them (a group targets "Linear", or states no targets),
+    else the union of their module names and "re:" regexes. A layer no group targets is stored in high precision
+    without being on the ignore list (llm-compressor quantizes only what `targets` matches, and vLLM loads such a
+    layer unquantized). Other class names are refused: n4 cannot tell which of its layers they cover."""
+    targets: list[str] = []
+    for name, group in groups.items():
+        if group.get("targets") is None:
+            return ()
+        for target in _names(group["targets"], f"{where}: group {name!r} targets"):
+            if target == "Linear":
+                return ()
+            if not target.startswith("re:") and "." not in target and target[:1].isupper():
+                raise ValueError(f"{where}: group {name!r} targets {target!r}: n4 reads the target 'Linear', module "
+                                 f"names and 're:' regexes, not other class names")
+            targets.append(target)
+    return tuple(targets)
 
 
 def _ct_group(name: str, group: Mapping, top_format, where: str) -> tuple[str, str]:
@@ -221,6 +276,7 @@ def _ct_group(name: str, group: Mapping, top_format, where: str) -> tuple[str, s
     weights = group.get("weights")
     if not weights:
         raise ValueError(f"{where}: group {name!r} has no weights scheme")
+    weights = _mapping(weights, f"{where}: group {name!r} weights")
     _ct_check_float8(weights, f"{where}: group {name!r} weights")
     strategy = weights.get("strategy", "tensor")
     if strategy not in GRANULARITIES or weights.get("dynamic", False):
@@ -229,6 +285,7 @@ def _ct_group(name: str, group: Mapping, top_format, where: str) -> tuple[str, s
     if not acts:
         raise ValueError(f"{where}: group {name!r} quantizes weights only (no input_activations); FP8 weight-only "
                          f"checkpoints are not supported")
+    acts = _mapping(acts, f"{where}: group {name!r} input_activations")
     _ct_check_float8(acts, f"{where}: group {name!r} input_activations")
     act_strategy, dynamic = acts.get("strategy", "tensor"), bool(acts.get("dynamic", False))
     if act_strategy == "token" and dynamic:
@@ -251,7 +308,7 @@ def _modelopt(quant: Mapping, scale_shapes: Mapping, where: str) -> QuantConfig:
     kv_algo = quant.get("kv_cache_quant_algo")
     if kv_algo is not None and str(kv_algo).upper() != "FP8":
         raise ValueError(f"{where}: kv_cache_quant_algo {kv_algo!r} is not supported (FP8 or none)")
-    ignored = tuple(quant.get("exclude_modules") or ())
+    ignored = _names(quant.get("exclude_modules"), f"{where}: exclude_modules")
     kv = _kv_scales_present(scale_shapes)
     if algo == "FP8":  # per-tensor weights; activations static when the export wrote input scales
         static = any(name.endswith(".input_scale") for name in scale_shapes)
