@@ -375,6 +375,9 @@ def default_decode_tiles(head_dim: int, block_size: int, fp8_cache: bool) -> Dec
 def _decode_launch(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, scale, k_scale, v_scale,
                    num_splits: int | None, tiles: DecodeTiles | None) -> torch.Tensor:
     _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, max_seq_len, num_splits)
+    # The kernel reads seq_lens[b] at seq_lens_ptr + b (no stride): a strided view would give sequence b another
+    # sequence's length. A no-op when already contiguous (block_tables is read through its strides).
+    seq_lens = seq_lens.contiguous()
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads

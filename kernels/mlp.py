@@ -154,6 +154,16 @@ def _check_mlp_shapes(name: str, x: torch.Tensor, up_w: torch.Tensor, down_w: to
     if up_w.shape[1] != H or tuple(down_w.shape) != (H, inter):
         raise ValueError(f"{name}: need x [M, H], up_w [I, H], down_w [H, I]; got {tuple(x.shape)}, "
                          f"{tuple(up_w.shape)}, {tuple(down_w.shape)}")
+    _check_one_device(name, x=x, up_w=up_w, down_w=down_w)
+
+
+def _check_one_device(name: str, **tensors: torch.Tensor) -> None:
+    """The up kernel takes raw pointers: a weight or scale on another device than x would be read as x's device
+    memory (another GPU of a TP group) or fail inside Triton (a CPU tensor), so refuse it here, naming the op."""
+    device = next(iter(tensors.values())).device
+    for what, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name}: {what} is on {t.device}, x on {device}; all operands must share a device")
 
 
 def squared_relu_mlp_ref(x: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
@@ -202,6 +212,7 @@ def _up_scales(name, x_fp8, x_scale, up_w_fp8, up_scale):
         raise ValueError(f"{name}: up_w_fp8 {tuple(up_w_fp8.shape)} must be [I, H = {H}]")
     x_mode, x_s, w_per_channel, w_s = parse_scales(x_scale, up_scale, M, inter, H, name,
                                                    names=("x_scale", "up_scale"), allow_groups=False)
+    _check_one_device(name, x_fp8=x_fp8, up_w_fp8=up_w_fp8, x_scale=x_scale, up_scale=up_scale)
     return x_mode == A_TOKEN, x_s, w_per_channel, w_s
 
 
@@ -214,6 +225,9 @@ def _check_fp8_mlp(name, x_fp8, x_scale, up_w_fp8, up_scale, down_w_fp8, down_sc
     if not isinstance(down_scale, torch.Tensor) or (down_scale.numel() != 1
                                                     and tuple(down_scale.shape) not in ((H,), (H, 1))):
         raise ValueError(f"{name}: down_scale must be one element or [H] / [H, 1] = [{H}]")
+    if not down_scale.is_floating_point():  # else the down GEMM's check refuses it in fp8_gemm's name
+        raise ValueError(f"{name}: down_scale must be a floating-point tensor, got {down_scale.dtype}")
+    _check_one_device(name, x_fp8=x_fp8, down_scale=down_scale)   # down_w_fp8: _check_mlp_shapes
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"{name}: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
 

@@ -365,13 +365,18 @@ def _prefill_launch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
     """The launch; for the GPU sweep in benchmarks/gpu_sweep.py, cfg overrides `_launch_config` (BLOCK_R, BLOCK_N,
     num_warps, num_stages, optionally REVERSE and KV_TMA, which takes effect where `_kv_tma_ready` holds)."""
     _check_prefill_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
+    # The kernel reads query_start_loc and seq_lens at ptr + index (no stride): strided views would map programs to
+    # the wrong rows (and past the end of q and out). No-ops when already contiguous; block_tables has its strides.
+    query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
     # Zeros, not empty: rows past query_start_loc[-1] (a padded batch) belong to no program and stay 0, as in the ref.
     out = torch.zeros_like(q)                                                # [T, Hq, D]
-    if num_tokens == 0 or num_seqs == 0:
+    # numel, not just T: with Hq = 0 the tile size below divides by group = 0, with D = 0 split_head_dim fails;
+    # the ref returns the empty output for both.
+    if out.numel() == 0 or num_seqs == 0:
         return out
 
     block_da, block_db = split_head_dim(head_dim)

@@ -207,6 +207,9 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     _check(q, k, v, positions, cos_cache, sin_cache, k_cache, v_cache, slot_mapping)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("rope_kv_write: q/k/v must be contiguous in their last (head_dim) dimension")
+    # The kernel reads positions and slot_mapping as flat arrays (pos_ptr + token): a strided view (a column of a
+    # [T, 2] tensor) would hand token t another token's position and slot. No-ops (no copy) when already contiguous.
+    positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     half = cos_cache.shape[1]
