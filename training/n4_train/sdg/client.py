@@ -3,6 +3,7 @@ retries with exponential backoff on overload and transient failures, and counter
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -27,9 +28,11 @@ class RetryPolicy:
         otherwise full exponential backoff with jitter, so C concurrent clients do not retry in lockstep."""
         if retry_after is not None:
             try:
-                return min(max(float(retry_after), 0.0), self.max_backoff_s)
+                seconds = float(retry_after)
             except ValueError:
-                pass
+                seconds = math.nan
+            if not math.isnan(seconds):  # "nan" parses, then slept 0 s: a retry storm against an overloaded server
+                return min(max(seconds, 0.0), self.max_backoff_s)
         return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + rng.random() / 2)
 
 
@@ -115,10 +118,17 @@ class ApiClient:
                                    status=response.status_code, code=code)
             return failed, response.headers.get("retry-after")
         try:
-            return response.json()
+            answer = response.json()
         except ValueError:
             self._count("bad_json")
             return RequestFailed(f"{method} {path}: the answer is not JSON: {response.text[:100]!r}", 200), None
+        if not isinstance(answer, dict):
+            # Every OpenAI answer is an object. A list or string here was unpacked by request() as a failed
+            # attempt ("ok" became (error, retry_after)) or crashed the run on `.get`; it is one failed request.
+            self._count("bad_json")
+            return RequestFailed(f"{method} {path}: the answer is not a JSON object: {response.text[:100]!r}",
+                                 200), None
+        return answer
 
     def _count(self, key: str) -> None:
         self.stats.by_status[key] = self.stats.by_status.get(key, 0) + 1

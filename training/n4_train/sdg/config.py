@@ -55,8 +55,21 @@ class SDGConfig:
         if self.needs_reward and not self.reward_base_url:
             raise ValueError("--reward-base-url is required to score responses (or stop earlier with "
                              "--stop-after responses)")
-        if self.topics_file is not None and not os.path.isfile(self.topics_file):
+        if self.topics_file is not None:
+            self._check_topics_file()
+
+    def _check_topics_file(self) -> None:
+        if not os.path.isfile(self.topics_file):
             raise ValueError(f"--topics: no such file: {self.topics_file}")
+        # A file without a topic made every generator-written slot skip silently ("skipped_without_topics") and the
+        # run exit 0 with only math's local problems.
+        try:
+            with open(self.topics_file, encoding="utf-8") as f:
+                has_topic = any(line.strip() for line in f)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--topics {self.topics_file}: cannot read it as UTF-8 text ({e})") from None
+        if not has_topic:
+            raise ValueError(f"--topics {self.topics_file}: the file holds no topic (one per line)")
 
     def _check_urls(self) -> None:
         for flag, url in (("--base-url", self.base_url), ("--reward-base-url", self.reward_base_url)):

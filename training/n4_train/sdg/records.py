@@ -52,6 +52,11 @@ class JsonlAppender:
         if os.path.exists(path):
             _drop_torn_tail(path)
         self.existing = read_jsonl(path)
+        for number, record in enumerate(self.existing, 1):
+            # A JSON line without the key (a file some other tool wrote) was a KeyError traceback; name the file.
+            if not isinstance(record, dict) or key not in record:
+                raise ValueError(f"{path}: record {number} has no {key!r}: not a file `n4-train sdg` wrote (use "
+                                 f"another --output)")
         self.ids = {r[key] for r in self.existing}
         self.new: list[dict] = []
         self._file = open(path, "a", encoding="utf-8")

@@ -52,16 +52,28 @@ def parse_chat_reward(content: str) -> dict[str, float]:
     return {a: values[a] for a in ATTRIBUTES}
 
 
-def parse_n4_reward(body: dict) -> tuple[dict[str, float], list[float] | None, float]:
-    """The attributes, the raw values and the scalar of a /rewards answer."""
-    attributes = body.get("attributes")
+def _finite_number(value) -> bool:
+    # bool is an int in Python but not a reward; NaN/inf (JSON's non-standard literals, or 1e999) would reach the
+    # pairs, where max/min against NaN pick arbitrary responses and n4-train dpo/rpo refuse the whole file.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_n4_reward(body) -> tuple[dict[str, float], list[float] | None, float]:
+    """The attributes, the raw values and the scalar of a /rewards answer. RewardFormatError unless every
+    attribute, raw value and the scalar (when given) is a finite number."""
+    attributes = body.get("attributes") if isinstance(body, dict) else None
     if not isinstance(attributes, dict) or any(a not in attributes for a in ATTRIBUTES):
         raise RewardFormatError(f"/rewards answer lacks the 5 attributes: {str(body)[:120]}")
+    if not all(_finite_number(attributes[a]) for a in ATTRIBUTES):
+        raise RewardFormatError(f"/rewards answer has an attribute that is not a finite number: {str(body)[:120]}")
     attributes = {a: float(attributes[a]) for a in ATTRIBUTES}
     raw = body.get("raw")
     reward = body.get("reward")
+    given = isinstance(reward, (int, float)) and not isinstance(reward, bool)
+    if (isinstance(raw, list) and not all(map(_finite_number, raw))) or (given and not math.isfinite(reward)):
+        raise RewardFormatError(f"/rewards answer has a value that is not a finite number: {str(body)[:120]}")
     # A head that is not 9 wide has no published weighting (n4 answers reward: null); fall back to the attributes.
-    scalar = float(reward) if isinstance(reward, (int, float)) else scalar_from_attributes(attributes)
+    scalar = float(reward) if given else scalar_from_attributes(attributes)
     return attributes, raw if isinstance(raw, list) else None, scalar
 
 
