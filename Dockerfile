@@ -14,7 +14,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/n4 \
-    PATH=/opt/n4/bin:$PATH
+    PATH=/opt/n4/bin:$PATH \
+    N4_DEMO_MODEL=/opt/n4-src/models/demo
 
 # Python 3.12 (Ubuntu 24.04's). Triton compiles a small C launcher for each kernel at first use, so gcc and
 # the Python headers stay in the image.
@@ -40,12 +41,16 @@ COPY model model
 COPY server server
 COPY quantize quantize
 COPY benchmarks benchmarks
+# The import check runs from / so that it imports the installed copy, which is what `n4` runs, not this source tree.
 RUN pip install --no-deps . \
-    && python -c "import n4.cli, server.api.app, kernels, model, quantize"
+    && cd / && python -c "import n4.cli, server.api.app, kernels, model, quantize"
 
 # The tiny random-weight demo checkpoint, for a smoke test:
 #   docker run --gpus all -p 8000:8000 n4 --model /opt/n4-src/models/demo
+# The installed packages have no models/ beside them, so N4_DEMO_MODEL (ENV above) points n4 here: the default
+# --model, and the tokenizer that `--load-format dummy` presets borrow.
 COPY models/demo models/demo
+RUN cd / && python -c "import os, server.api.cli as c; assert os.path.isdir(c.DEMO_MODEL), c.DEMO_MODEL"
 
 USER n4
 EXPOSE 8000

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -15,15 +16,21 @@ from server.api.config import DEFAULT_MAX_REQUEST_BODY_BYTES
 from server.engine.config import EngineConfig
 
 logger = logging.getLogger("n4")
-DEMO_MODEL = str(Path(__file__).resolve().parents[2] / "models" / "demo")
+# The demo checkpoint sits next to the code in a checkout (make serve, editable installs). A copied install (the
+# Docker image's `pip install .`) has no models/ beside its packages, so the image names the folder with
+# N4_DEMO_MODEL; without it the default --model, and the tokenizer that presets borrow, would not exist there.
+DEMO_MODEL = os.environ.get("N4_DEMO_MODEL") or str(Path(__file__).resolve().parents[2] / "models" / "demo")
+# vLLM's --dtype also takes these spellings (`--dtype half` is common in its docs and scripts).
+_DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEMO_MODEL,
                    help=f"checkpoint directory (HF format) or a preset ({', '.join(PRESETS)}) with --load-format "
                         f"dummy; default: the embedded demo model")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight and activation dtype; auto = the checkpoint's, except float32 on the CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", *_DTYPE_ALIASES],
+                   help="weight and activation dtype (half = float16, float = float32, as in vLLM); auto = the "
+                        "checkpoint's, except float32 on the CPU")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights of the model's shape (for benchmarks)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -54,20 +61,21 @@ def _engine_settings(args):
     """-> (engine_config, dtype) from the flags, checked before any model loads."""
     model_config = get_config(args.model)
     device = "cuda" if _cuda_available() else "cpu"
-    dtype = args.dtype
+    dtype = _DTYPE_ALIASES.get(args.dtype, args.dtype)
     if dtype == "auto" and device == "cpu" and model_config.torch_dtype != "float32":
         # CPU matmuls in bf16/fp16 are slower than fp32 on most hosts; GPUs keep the checkpoint dtype.
         dtype = "float32"
     if args.kernel_backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("--kernel-backend triton needs a CUDA GPU (or TRITON_INTERPRET=1, the slow interpreter "
                          "the tests use); use --kernel-backend torch on the CPU")
-    max_model_len = args.max_model_len or model_config.max_position_embeddings
+    # `is None`, not `or`: an explicit --max-model-len 0 is an error (EngineConfig), not "the model's length".
+    max_model_len = model_config.max_position_embeddings if args.max_model_len is None else args.max_model_len
     if max_model_len > model_config.max_position_embeddings:
         raise ValueError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
                          f"({model_config.max_position_embeddings})")
     engine_config = EngineConfig(
         max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 1), block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory << 20, gpu_memory_utilization=args.gpu_memory_utilization,
         kernel_backend=args.kernel_backend or default_backend(), enforce_eager=args.enforce_eager, device=device,
@@ -126,13 +134,17 @@ def serve(args) -> None:
     from server.api.config import ServerConfig
     from server.engine.engine_process import EngineProcess, EngineSpec
 
-    # Checked before the model loads, so a bad flag fails in a second rather than after minutes.
-    server_config = ServerConfig(api_key=args.api_key or os.environ.get("N4_API_KEY") or None,
+    # Checked before the model loads, so a bad flag fails in a second rather than after minutes. An explicit
+    # --api-key "" (say "$KEY" with KEY unset) is refused by ServerConfig rather than read as "no key", which
+    # would serve without authentication; an empty $N4_API_KEY still means unset.
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("N4_API_KEY") or None)
+    server_config = ServerConfig(api_key=api_key,
                                  max_queue_len=args.max_queue_len,
                                  max_request_body_bytes=args.max_request_body_bytes,
                                  shutdown_timeout=args.shutdown_timeout)
     engine_config, dtype = _engine_settings(args)
     tokenizer = _tokenizer(args)
+    _check_listen(args.host, args.port)
     spec = EngineSpec(args.model, engine_config, dtype=dtype, load_format=args.load_format,
                       quantization=args.quantization, log_level=logging.getLogger().level)
     loading = lifecycle.LoadingResponder(args.host, args.port).start()   # /health 503 until the model is up
@@ -150,6 +162,27 @@ def serve(args) -> None:
         lifecycle.run(app, args.host, args.port, args.log_level, server_config.shutdown_timeout)
     finally:
         engine.shutdown()  # the engine process and its tensor-parallel ranks, however serving ended
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail now if n4 could not listen on host:port. Otherwise a port in use surfaces only after the model has
+    loaded (the loading responder's bind error dies with its thread), and getaddrinfo takes a port past 65535
+    modulo 2**16 (--port 70000 served on 4464)."""
+    if not 0 <= port <= 65535:   # 0: any free port (tests use it)
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"--host {host!r}: {e.strerror}") from None
+    for family, kind, proto, _, address in infos:   # every address uvicorn (asyncio create_server) binds
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as asyncio does: TIME_WAIT is no clash
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise OSError(f"cannot listen on {address[0]}:{port}: {e.strerror}") from None
 
 
 def generate(args) -> None:
