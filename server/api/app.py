@@ -32,13 +32,17 @@ class ClientDisconnected(Exception):
     pass
 
 
-def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
+def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str | list[str],
               config: ServerConfig | None = None) -> FastAPI:
+    """model_name: the name clients send, or several (vLLM's `--served-model-name a b`): requests may name any of
+    them; responses and metrics carry the first."""
     config = config or ServerConfig()
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
+    model_name = names[0]
     max_model_len = engine.max_model_len
     admission = Admission(engine, config.max_queue_len)
     metrics = ServerMetrics(engine, model_name)
-    serving = OpenAIServing(engine, tokenizer, model_name, max_model_len, admission, metrics)
+    serving = OpenAIServing(engine, tokenizer, model_name, max_model_len, admission, metrics, aliases=names[1:])
     # A reward checkpoint scores conversations instead of generating (server/api/rewards.py).
     reward_serving = RewardServing(serving) if engine.model_config.is_reward else None
     created = int(time.time())
@@ -117,9 +121,9 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "n4", "root": model_name, "parent": None,
-                                            "max_model_len": max_model_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "n4",
+                                            "root": model_name, "parent": None, "max_model_len": max_model_len}
+                                           for name in names]}
 
     @app.post("/v1/completions")
     async def completions(raw: Request):

@@ -155,9 +155,9 @@ def serve(args) -> None:
     try:
         _log_engine(args, engine.info)
         logger.info("engine process pid %d", engine.info.pid)
-        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-        app = build_app(engine, tokenizer, name, server_config)
-        logger.info("serving %r on http://%s:%d%s", name, args.host, args.port,
+        names = args.served_model_name or [os.path.basename(os.path.normpath(args.model))]
+        app = build_app(engine, tokenizer, names, server_config)
+        logger.info("serving %s on http://%s:%d%s", " / ".join(map(repr, names)), args.host, args.port,
                     " (API key required)" if server_config.api_key else "")
         lifecycle.run(app, args.host, args.port, args.log_level, server_config.shutdown_timeout)
     finally:
@@ -221,7 +221,9 @@ def add_commands(sub) -> None:
     _add_engine_args(p_serve)
     p_serve.add_argument("--host", default="127.0.0.1")
     p_serve.add_argument("--port", type=int, default=8000)
-    p_serve.add_argument("--served-model-name", default=None, help="the model name clients send")
+    p_serve.add_argument("--served-model-name", nargs="+", default=None,
+                         help="the model name clients send; several are all accepted, and responses carry the "
+                              "first (as in vLLM)")
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p_serve.add_argument("--api-key", default=None,
                          help="require 'Authorization: Bearer KEY' (default: $N4_API_KEY; /health, /metrics and "

@@ -50,17 +50,19 @@ class EventStream:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_model_len: int,
-                 admission: Admission | None = None, metrics: ServerMetrics | None = None):
+                 admission: Admission | None = None, metrics: ServerMetrics | None = None,
+                 aliases: list[str] | tuple[str, ...] = ()):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.model_name = model_name
+        self.model_name = model_name                       # what responses carry
+        self.served_names = {model_name, *aliases}         # what requests may name
         self.max_model_len = max_model_len
         self.admission = admission or Admission(engine)
         self.metrics = metrics or ServerMetrics(engine, model_name)
 
     # ---- request -> engine inputs --------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.served_names:
             raise APIError(f"The model `{model[:200]}` does not exist.", status=404, param="model",
                            code="model_not_found")
 

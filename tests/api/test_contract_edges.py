@@ -8,7 +8,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.config import ModelConfig
+from server.api.app import build_app
 from server.api.protocol import ChatMessage
+from server.api.tokenizer import Tokenizer
+from server.engine.config import EngineConfig
+from server.engine.engine import AsyncEngine, LLMEngine
 from tests.api.conftest import MODEL_NAME, make_app, serve_checkpoint
 from tests.utils import make_tiny_checkpoint
 
@@ -232,3 +236,16 @@ def test_chat_text_parts_join_with_newlines():
     # vLLM and TensorRT-LLM join a message's text parts with "\n"; "".join glued "Hello" and "there" together.
     message = ChatMessage(role="user", content=[{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}])
     assert message.text() == "Hello\nthere"
+
+
+def test_several_served_model_names(checkpoint):
+    # vLLM's `--served-model-name a b`: requests may name either, responses and /v1/models' root carry the first.
+    engine = LLMEngine.from_pretrained(checkpoint, EngineConfig(max_model_len=MAX_MODEL_LEN, num_kv_blocks=64),
+                                       dtype="float32")
+    app = build_app(AsyncEngine(engine), Tokenizer.from_pretrained(checkpoint), ["nemotron", "n4-alias"])
+    with TestClient(app) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["nemotron", "n4-alias"]
+        for name in ("nemotron", "n4-alias"):
+            r = c.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["model"] == "nemotron"
+        assert c.post("/v1/completions", json={"model": "other", "prompt": "hi"}).status_code == 404
