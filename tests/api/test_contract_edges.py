@@ -2,45 +2,17 @@
 envelope, a silent empty answer, stream/non-stream disagreement)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 from fastapi.testclient import TestClient
 
-from model.config import ModelConfig
 from server.api.app import build_app
 from server.api.protocol import ChatMessage
 from server.api.tokenizer import Tokenizer
 from server.engine.config import EngineConfig
 from server.engine.engine import AsyncEngine, LLMEngine
-from tests.api.conftest import MODEL_NAME, make_app, serve_checkpoint
-from tests.utils import make_tiny_checkpoint
-
-CONFIG = ModelConfig(vocab_size=4096, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                     torch_dtype="float32")
-MAX_MODEL_LEN = 128
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("audit")), CONFIG, seed=11)
-
-
-@pytest.fixture(scope="module")
-def client(checkpoint):
-    with serve_checkpoint(checkpoint, max_model_len=MAX_MODEL_LEN) as c:
-        yield c
-
-
-def _events(response) -> list:
-    events = []
-    for block in response.text.split("\n\n"):
-        if block.strip():
-            assert block.startswith("data: "), block
-            payload = block[len("data: "):]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
+from tests.api.conftest import MODEL_NAME, make_app
+# The same tiny served model as test_openai_api (its fixtures, module-scoped here too).
+from tests.api.test_openai_api import MAX_MODEL_LEN, _events, checkpoint, client  # noqa: F401
 
 
 def _still_serving(client) -> None:
