@@ -78,6 +78,11 @@ class LLMEngine:
         self.model_config = model_config
         self.config = engine_config
         self.executor = executor  # the other tensor-parallel ranks (from_pretrained starts them), or None
+        if engine_config.max_model_len > model_config.max_position_embeddings:
+            # The RoPE table has max_position_embeddings rows: the Triton kernel would read past it on a GPU
+            # without an error (the CLI checks this too; library users construct engines directly).
+            raise ValueError(f"max_model_len {engine_config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({model_config.max_position_embeddings})")
         # The KV cache: E4M3 for --kv-cache-dtype fp8 (each Attention holds its k/v scales), else the model dtype.
         # Blocks from memory are counted with this dtype's element size, so FP8 holds twice the tokens of bf16.
         kv_dtype = kv_cache_dtype or (FP8_DTYPE if is_fp8_kv_cache(engine_config.kv_cache_dtype)

@@ -113,3 +113,9 @@ def test_abort_frees_blocks(checkpoint):
 def test_pool_smaller_than_one_sequence_is_a_clear_error(checkpoint):
     with pytest.raises(ValueError, match="max-model-len"):
         _engine(checkpoint, num_kv_blocks=4, max_model_len=256)
+
+
+def test_max_model_len_past_the_rope_table_is_a_clear_error(checkpoint):
+    # Positions past max_position_embeddings have no RoPE row: on a GPU the Triton kernel would read past the table.
+    with pytest.raises(ValueError, match="max_model_len 1024 exceeds the model's max_position_embeddings"):
+        _engine(checkpoint, max_model_len=1024, num_kv_blocks=1024)
