@@ -65,13 +65,16 @@ def uvicorn_thread(app, timeout: float = 30.0):
         thread.join(timeout)
 
 
-def start_n4_serve(*args: str, startup_timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """`n4 serve ARGS` (the embedded demo model unless --model is given) on a free loopback port, once healthy."""
+def start_n4_serve(*args: str, startup_timeout: float = 120.0,
+                   new_session: bool = False) -> tuple[subprocess.Popen, str]:
+    """`n4 serve ARGS` (the embedded demo model unless --model is given) on a free loopback port, once healthy.
+    new_session: in a process group of its own, so that signalling the group does not reach pytest."""
     port = free_port()
     # The log goes to a file, not a pipe: a pipe nobody reads would block a chatty server once it fills.
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "n4.cli", "serve", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
+                            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+                            start_new_session=new_session)
     proc.log = log
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_timeout

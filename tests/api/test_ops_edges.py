@@ -7,9 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
@@ -20,7 +17,7 @@ from server.api.cli import DEMO_MODEL
 from server.engine.config import EngineConfig
 from server.engine.engine_process import EngineProcess, EngineSpec
 from server.engine.sampling import SamplingParams
-from tests.api.conftest import REPO_ROOT, free_port, server_log
+from tests.api.conftest import server_log, start_n4_serve
 
 CONFIG = EngineConfig(max_model_len=512, num_kv_blocks=64, block_size=16, max_num_seqs=4)
 GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
@@ -81,24 +78,9 @@ def test_gauges_follow_prompt_chunks_that_produce_no_output():
 
 @pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_drains_and_exits_0():
-    port = free_port()
-    log = tempfile.TemporaryFile("w+")
-    # Its own session, so that signalling its process group does not reach pytest.
-    proc = subprocess.Popen([sys.executable, "-m", "n4.cli", "serve", "--port", str(port), "--served-model-name",
-                             "demo", "--max-model-len", "2048", "--shutdown-timeout", "10"],
-                            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT, start_new_session=True)
-    proc.log = log
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_n4_serve("--served-model-name", "demo", "--max-model-len", "2048", "--shutdown-timeout", "10",
+                                new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, server_log(proc)
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         events, started = [], threading.Event()
 
         def stream():

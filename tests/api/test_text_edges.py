@@ -12,7 +12,8 @@ import pytest
 
 from server.api import tokenization
 from server.api.protocol import APIError, TokenizeRequest
-from server.api.tokenizer import IncrementalDetokenizer, Tokenizer, _TextStream
+from server.api.tokenizer import Tokenizer, _TextStream
+from tests.api.test_tokenizer import _stream
 
 DEMO_DIR = pathlib.Path(__file__).resolve().parents[2] / "models" / "demo"
 
@@ -119,13 +120,7 @@ def test_stream_equals_whole_decode_on_long_random_sequences(tok):
         if probe.pending_bytes():      # the documented corner: the prompt ends inside a character
             continue
         output = [t for _ in range(rng.randint(0, 40)) for t in chunk()]
-        detok = IncrementalDetokenizer(tok, prompt, skip)
-        deltas, i = [], 0
-        while i < len(output):
-            step = rng.randint(1, 3)
-            deltas.append(detok.add(output[i:i + step]))
-            i += step
-        deltas.append(detok.flush())
+        streamed, _ = _stream(tok, prompt, output, rng, skip)
         base, full = tok.decode(prompt, skip), tok.decode(prompt + output, skip)
         assert full.startswith(base)
-        assert "".join(deltas) == full[len(base):], (prompt, output)
+        assert streamed == full[len(base):], (prompt, output)
